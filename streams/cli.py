@@ -1,0 +1,159 @@
+"""`reid-stream`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("reid-stream")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    from pydantic import ValidationError
+
+    from streams.settings import load_settings
+
+    try:
+        return load_settings(args.settings, **overrides)
+    except (ValidationError, FileNotFoundError) as err:
+        sys.exit(f"reid-stream: invalid settings:\n{err}")
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from streams.stack import EmbeddedStack
+
+    stack = EmbeddedStack(args.state)
+    if args.action == "up":
+        info = stack.up()
+        print(info.export_lines())
+    else:
+        stack.down()
+        print(f"# stack under {args.state} stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sinks.migrate import migrate
+
+    settings = _settings(args)
+    applied = migrate(settings.database_url.get_secret_value())
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none (up to date)'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streams.app import StreamApp
+
+    settings = _settings(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = StreamApp(settings)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if app.consumer.stopping:
+            return
+        log.info("run: %s received, finishing the batch in hand", signal.Signals(signum).name)
+        app.consumer.request_stop()
+        # A batch stuck on an outage must not hold the process past the bound: exiting
+        # without a commit abandons it, and the group redelivers it to another member.
+        timer = threading.Timer(settings.shutdown_timeout_s, _abandon, args=(settings,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    try:
+        app.consumer.run()
+    finally:
+        app.stop()
+    return 0
+
+
+def _abandon(settings) -> None:
+    log.error(
+        "run: shutdown bound of %.0fs passed; abandoning the in-flight batch uncommitted",
+        settings.shutdown_timeout_s,
+    )
+    logging.shutdown()
+    os._exit(3)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams.produce import photos_from, produce_events
+    from streams.topics import ensure_topics
+
+    settings = _settings(args)
+    ensure_topics(settings.kafka_common(), [settings.topic_detections], settings.topic_partitions)
+    produced = produce_events(
+        settings.producer_config(),
+        settings.topic_detections,
+        photos_from(args.images, args.limit),
+        cameras=args.cameras,
+    )
+    print(f"produced {len(produced)} detection events to {settings.topic_detections}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    summary = run_demo(args.images, args.events, args.state)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0 if summary["unaccounted"] == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reid-stream", description=__doc__)
+    parser.add_argument(
+        "--settings", type=Path, default=None, help="dotenv settings file (REID_SETTINGS_FILE)"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("REID_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="start/stop the embedded broker, PostgreSQL and Redis")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--state", type=Path, required=True, help="folder for data, logs and pids")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("run", help="consume detections and publish assignments until SIGTERM")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("produce", help="camera simulator: one detection event per image")
+    p.add_argument("--images", type=Path, required=True, help="folder searched recursively")
+    p.add_argument("--cameras", type=int, default=4, help="number of simulated cameras")
+    p.add_argument("--limit", type=int, default=None, help="stop after N events (cycles images)")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("demo", help="stack up, migrate, produce, consume, summarise, stack down")
+    p.add_argument("--images", type=Path, default=None, help="photos (default: generated)")
+    p.add_argument("--events", type=int, default=None, help="number of events")
+    p.add_argument("--state", type=Path, default=None, help="stack folder (default: temporary)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

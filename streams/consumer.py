@@ -1,0 +1,157 @@
+"""The confluent-kafka runner: window the input into batches, process, then commit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from sinks.metrics import StreamMetrics
+from sinks.publisher import PublishError
+from sinks.store import StoreUnavailable
+from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class StreamConsumer:
+    """Owns the Kafka consumer; offsets are committed only after a batch was fully handled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        metrics: StreamMetrics,
+        *,
+        group_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.metrics = metrics
+        self.group_id = group_id or settings.group_id
+        self._consumer: Consumer | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._consumer = Consumer(self.settings.consumer_config(self.group_id), logger=log)
+        self._consumer.subscribe(
+            [self.settings.topic_detections],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        log.info(
+            "consumer: subscribed topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d",
+            self.settings.topic_detections, self.group_id, self.settings.batch_max_size,
+            self.settings.batch_max_wait_ms,
+        )  # fmt: skip
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, then leave the loop (safe from signal handlers)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group so partitions move at once
+            self._consumer = None
+
+    def run(self, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
+        assert self._consumer is not None, "start() first"
+        while not self._stop.is_set():
+            messages = self._window()
+            if not messages:
+                continue
+            outcome = self._process_with_retry(messages)
+            if outcome is None:
+                break  # stopping during an outage: nothing written, nothing committed
+            self._commit(messages)
+            if on_batch is not None:
+                on_batch(outcome)
+
+    def _window(self) -> list[SourceMessage]:
+        """Up to batch_max_size messages, or fewer once batch_max_wait_ms has passed."""
+        assert self._consumer is not None
+        raw = self._consumer.consume(
+            num_messages=self.settings.batch_max_size,
+            timeout=self.settings.batch_max_wait_ms / 1000,
+        )
+        messages = []
+        for msg in raw:
+            if msg.error() is not None:
+                self._on_error(msg)
+                continue
+            messages.append(_source(msg))
+        return messages
+
+    def _process_with_retry(self, messages: Sequence[SourceMessage]) -> BatchOutcome | None:
+        attempt = 0
+        while True:
+            try:
+                return self.processor.process(messages)
+            except (StoreUnavailable, PublishError, KafkaException) as err:
+                self.metrics.store_errors.inc()
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
+                if self._stop.wait(delay):
+                    log.warning("consumer: stopping with an unwritten batch; not committing it")
+                    return None
+
+    def _commit(self, messages: Sequence[SourceMessage]) -> None:
+        assert self._consumer is not None
+        t0 = time.perf_counter()
+        ends: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            ends[key] = max(ends.get(key, -1), m.offset + 1)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(ends.items())]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            # The partitions moved to another member; it will see these events again and,
+            # because writes are idempotent on detection_id, republish the same assignments.
+            log.warning("consumer: commit failed, the batch will be redelivered: %s", err)
+            return
+        self.metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - t0)
+        self.metrics.last_commit_timestamp.set(time.time())
+
+    def _on_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err.fatal():
+            raise KafkaException(err)
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer: %s", err)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("consumer: assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches are processed and committed inside the loop that also serves these
+        # callbacks, so no batch is ever in flight while partitions are revoked.
+        log.info("consumer: revoked %s", _names(partitions))
+
+
+def _source(msg: Message) -> SourceMessage:
+    kind, ts = msg.timestamp()
+    return SourceMessage(
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        key=msg.key(),
+        value=msg.value(),
+        timestamp_ms=ts if kind != 0 and ts > 0 else None,
+    )
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions) or "-"

@@ -1,0 +1,289 @@
+"""The batch processor: raw messages in, rows written and events published out.
+
+It knows nothing of the Kafka client that feeds it: a runner hands it a list of
+:class:`SourceMessage` and commits the offsets only after :meth:`BatchProcessor.process`
+returned. Everything that can fail for a single event becomes a dead letter; failures of
+the database or the broker raise, so the runner retries the batch without committing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import torch
+
+from reid.embedder import Embedder
+from reid.matching import BatchAssignment, assign_batch, merge_centroid
+from reid.preprocess import ImageError, crop, decode_image
+from sinks.metrics import StreamMetrics
+from sinks.publisher import KafkaPublisher
+from sinks.records import DetectionRow, StoredAssignment
+from sinks.store import PgStore
+from streams.events import (
+    DetectionEvent,
+    InvalidEvent,
+    assignment_event,
+    dead_letter_headers,
+    parse_detection,
+)
+from streams.gallery import GalleryLoader
+from streams.images import ImageRoots, image_bytes
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did; the runner commits ``messages`` afterwards."""
+
+    batch_id: int
+    messages: int = 0
+    assigned_existing: int = 0
+    new_deer: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A valid event waiting for its embedding."""
+
+    message: SourceMessage
+    event: DetectionEvent
+    pixels: torch.Tensor | None = None
+
+
+class BatchProcessor:
+    """Parse, decode, embed, match, persist, publish: one batch at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        store: PgStore,
+        gallery: GalleryLoader,
+        publisher: KafkaPublisher,
+        metrics: StreamMetrics,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.store = store
+        self.gallery = gallery
+        self.publisher = publisher
+        self.metrics = metrics
+        self.roots = ImageRoots(settings.image_roots)
+        self._pool: ThreadPoolExecutor | None = None
+        self._batches = 0
+
+    def start(self) -> None:
+        import os
+
+        workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # -- the batch ------------------------------------------------------------------------
+    def process(self, messages: Sequence[SourceMessage]) -> BatchOutcome:
+        self._batches += 1
+        outcome = BatchOutcome(batch_id=self._batches, messages=len(messages))
+        if not messages:
+            return outcome
+        self.metrics.events_consumed.inc(len(messages))
+        self.metrics.batch_size.observe(len(messages))
+
+        pending, repeats = self._parse(messages, outcome)
+        stored = self.store.existing_assignments([p.event.detection_id for p in pending])
+        fresh = [p for p in pending if p.event.detection_id not in stored]
+        outcome.redelivered = len(pending) - len(fresh)
+
+        fresh = self._decode(fresh, outcome)
+        if fresh:
+            stored.update(self._embed_match_persist(fresh, outcome))
+
+        self._publish(pending + repeats, stored)
+        self.metrics.batches.inc()
+        log.info(
+            "batch %d: messages=%d existing=%d new_deer=%d redelivered=%d dead_lettered=%d "
+            "offsets=%s",
+            outcome.batch_id, outcome.messages, outcome.assigned_existing, outcome.new_deer,
+            outcome.redelivered, outcome.dead_lettered, _offset_ranges(messages),
+        )  # fmt: skip
+        return outcome
+
+    def _parse(
+        self, messages: Sequence[SourceMessage], outcome: BatchOutcome
+    ) -> tuple[list[_Pending], list[_Pending]]:
+        """Valid events, first occurrence of each detection_id, and the in-batch repeats."""
+        firsts: dict[str, _Pending] = {}
+        repeats: list[_Pending] = []
+        for message in messages:
+            try:
+                event = parse_detection(message.value, max_bytes=self.settings.max_message_bytes)
+            except InvalidEvent as err:
+                self._dead_letter(message, err, outcome)
+                continue
+            item = _Pending(message, event)
+            if event.detection_id in firsts:
+                repeats.append(item)
+            else:
+                firsts[event.detection_id] = item
+        return list(firsts.values()), repeats
+
+    def _decode(self, items: list[_Pending], outcome: BatchOutcome) -> list[_Pending]:
+        """Read, decode, crop and resize off the main thread; bad images become dead letters."""
+        assert self._pool is not None, "start() the processor first"
+        t0 = time.perf_counter()
+        futures = [self._pool.submit(self._pixels, item.event) for item in items]
+        decoded: list[_Pending] = []
+        for item, future in zip(items, futures, strict=True):
+            try:
+                item.pixels = future.result()
+                decoded.append(item)
+            except InvalidEvent as err:
+                self._dead_letter(item.message, err, outcome)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
+        return decoded
+
+    def _pixels(self, event: DetectionEvent) -> torch.Tensor:
+        data = image_bytes(event, self.roots)
+        try:
+            image = crop(decode_image(data, max_pixels=self.settings.max_image_pixels), event.bbox)
+        except ImageError as err:
+            raise InvalidEvent(err.reason, str(err)) from None
+        return self.embedder.preprocess.to_uint8(image)
+
+    def _embed_match_persist(
+        self, items: list[_Pending], outcome: BatchOutcome
+    ) -> dict[str, StoredAssignment]:
+        version = self.embedder.embedding_version
+        with self._stage("embed"):
+            vectors = self.embedder.embed(torch.stack([i.pixels for i in items]))
+        with self._stage("match"):
+            known = self.gallery.load(version)
+            plan = assign_batch(
+                vectors.resnet, vectors.effnet, known,
+                threshold=self.settings.threshold,
+                w_resnet=self.settings.weight_resnet, w_effnet=self.settings.weight_effnet,
+            )  # fmt: skip
+        rows = _rows(items, plan, vectors.resnet, vectors.effnet)
+        with self._stage("persist"):
+            result = self.store.write_batch(version, len(plan.new_deer), rows, merge_centroid)
+        self.gallery.put(version, result.centroids)
+        self.metrics.known_deer.set(len(known) + len(result.new_deer_ids))
+        for row, saved in zip(rows, result.assignments, strict=True):
+            if saved.processed_at != row.processed_at:
+                continue  # stored meanwhile by another worker: counted there
+            if saved.is_new_deer:
+                outcome.new_deer += 1
+                self.metrics.assignments.labels(outcome="new").inc()
+            else:
+                outcome.assigned_existing += 1
+                self.metrics.assignments.labels(outcome="existing").inc()
+        return {a.detection_id: a for a in result.assignments}
+
+    def _publish(self, items: list[_Pending], stored: dict[str, StoredAssignment]) -> None:
+        with self._stage("publish"):
+            for item in items:
+                saved = stored.get(item.event.detection_id)
+                if saved is not None:
+                    self.publisher.send(
+                        self.settings.topic_assignments, str(saved.deer_id), assignment_event(saved)
+                    )
+            self.publisher.flush_confirmed(timeout=30.0)
+        now_ms = time.time() * 1000
+        for item in items:
+            if item.event.detection_id in stored and item.message.timestamp_ms:
+                self.metrics.end_to_end_seconds.observe(
+                    max(0.0, (now_ms - item.message.timestamp_ms) / 1000)
+                )
+
+    def _dead_letter(
+        self, message: SourceMessage, err: InvalidEvent, outcome: BatchOutcome
+    ) -> None:
+        log.warning(
+            "dead letter: reason=%s topic=%s partition=%d offset=%d detail=%s",
+            err.reason, message.topic, message.partition, message.offset, err.detail,
+        )  # fmt: skip
+        headers = dead_letter_headers(
+            err.reason, err.detail, message.topic, message.partition, message.offset,
+            datetime.now(UTC),
+        )  # fmt: skip
+        self.publisher.send(
+            self.settings.topic_dead_letters, message.key, message.value or b"", headers
+        )
+        self.metrics.dead_letters.labels(reason=err.reason).inc()
+        outcome.dead_lettered += 1
+        outcome.dead_letter_reasons[err.reason] = outcome.dead_letter_reasons.get(err.reason, 0) + 1
+
+    def _stage(self, name: str) -> _StageTimer:
+        return _StageTimer(self.metrics, name)
+
+
+class _StageTimer:
+    def __init__(self, metrics: StreamMetrics, stage: str) -> None:
+        self.histogram = metrics.stage_seconds.labels(stage=stage)
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.histogram.observe(time.perf_counter() - self.t0)
+
+
+def _rows(items: list[_Pending], plan: BatchAssignment, resnet, effnet) -> list[DetectionRow]:
+    processed_at = datetime.now(UTC)
+    rows = []
+    for i, (item, match) in enumerate(zip(items, plan.matches, strict=True)):
+        event, message = item.event, item.message
+        rows.append(
+            DetectionRow(
+                detection_id=event.detection_id,
+                camera_id=event.camera_id,
+                captured_at=event.captured_at,
+                deer_id=match.deer_id,
+                new_deer=match.new_deer if match.deer_id is None else None,
+                is_new_deer=match.is_new_deer,
+                similarity=match.similarity,
+                score_resnet=match.score_resnet,
+                score_effnet=match.score_effnet,
+                embedding_resnet=resnet[i],
+                embedding_effnet=effnet[i],
+                bbox=list(event.bbox) if event.bbox else None,
+                confidence=event.confidence,
+                species=event.species,
+                source_topic=message.topic,
+                source_partition=message.partition,
+                source_offset=message.offset,
+                processed_at=processed_at,
+            )
+        )
+    return rows
+
+
+def _offset_ranges(messages: Sequence[SourceMessage]) -> str:
+    spans: dict[tuple[str, int], list[int]] = {}
+    for m in messages:
+        span = spans.setdefault((m.topic, m.partition), [m.offset, m.offset])
+        span[0], span[1] = min(span[0], m.offset), max(span[1], m.offset)
+    return ",".join(f"{t}[{p}]:{lo}-{hi}" for (t, p), (lo, hi) in sorted(spans.items()))

@@ -1,0 +1,135 @@
+"""The one settings object: environment variables (prefix ``REID_``) and an optional file.
+
+The file is a dotenv-style ``KEY=value`` list named by ``REID_SETTINGS_FILE`` (or ``--settings``);
+environment variables win over it. ``reid`` and ``sinks`` never read settings themselves: the
+stream passes each component the values it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="forbid", frozen=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    kafka_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka options for every client, as JSON (SASL/TLS go here)",
+    )
+    kafka_password: SecretStr | None = Field(
+        None, description="SASL password; kept out of logs and of kafka_options"
+    )
+    group_id: str = Field("reid-stream", description="Consumer group of `reid-stream run`")
+    topic_detections: str = Field("detections", description="Input topic")
+    topic_assignments: str = Field("assignments", description="Output topic, key = deer_id")
+    topic_dead_letters: str = Field("detections.dlq", description="Dead-letter topic")
+    topic_partitions: int = Field(
+        4, ge=1, description="Partitions for topics that `run`/`produce` create when missing"
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1_000, description="Consumer session timeout (a group join waits about half)"
+    )
+    max_message_bytes: int = Field(
+        8_000_000, ge=1_000, description="Larger input events are dead-lettered"
+    )
+
+    # Batching
+    batch_max_size: int = Field(32, ge=1, le=1024, description="Events per model batch")
+    batch_max_wait_ms: int = Field(200, ge=1, description="Flush a partial batch after this long")
+    decode_workers: int = Field(
+        0, ge=0, description="Threads decoding and cropping images (0 = one per core)"
+    )
+
+    # Images
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders that `image_uri` may point into (JSON list); empty = none allowed",
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Decoded images above this are refused (bombs)"
+    )
+
+    # Model and matching
+    weights_path: Path | None = Field(None, description="Ensemble checkpoint file")
+    seed: int = Field(0, description="Seed of the initialisation when no weights are found")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto = fp16 on CUDA, fp32 on CPU"
+    )
+    threshold: float = Field(0.40, ge=-1.0, le=1.0, description="Ensemble score to join a deer")
+    weight_resnet: float = Field(0.6, ge=0.0, le=1.0, description="Weight of the ResNet score")
+    weight_effnet: float = Field(0.4, ge=0.0, le=1.0, description="Weight of EfficientNet score")
+
+    # Storage
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/reid"), description="PostgreSQL DSN"
+    )
+    redis_url: SecretStr | None = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis URL; empty disables the cache"
+    )
+    cache_key_prefix: str = Field("reid", description="Prefix of the Redis keys")
+
+    # Operations
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics (0 = any)")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="SIGTERM: finish the batch within this, else abandon it"
+    )
+    log_level: str = Field("INFO", description="Python logging level")
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_redis_disables(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> Settings:
+        if abs(self.weight_resnet + self.weight_effnet - 1.0) > 1e-6:
+            raise ValueError("weight_resnet + weight_effnet must be 1.0")
+        return self
+
+    # -- views for the components -----------------------------------------------------------
+    def kafka_common(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap_servers}
+        conf.update(self.kafka_options)
+        if self.kafka_password is not None:
+            conf["sasl.password"] = self.kafka_password.get_secret_value()
+        return conf
+
+    def consumer_config(self, group_id: str | None = None) -> dict[str, Any]:
+        conf = self.kafka_common()
+        conf.update(
+            {
+                "group.id": group_id or self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": self.session_timeout_ms,
+                "heartbeat.interval.ms": max(500, self.session_timeout_ms // 5),
+                "partition.assignment.strategy": "cooperative-sticky",
+                "fetch.max.bytes": max(52_428_800, self.max_message_bytes * 2),
+                "max.partition.fetch.bytes": max(1_048_576, self.max_message_bytes + 1024),
+            }
+        )
+        return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        conf = self.kafka_common()
+        conf.setdefault("message.max.bytes", max(1_000_000, self.max_message_bytes + 65_536))
+        return conf
+
+
+def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read the settings; ``file`` (or ``REID_SETTINGS_FILE``) is an optional dotenv file."""
+    file = file or os.environ.get("REID_SETTINGS_FILE")
+    if file is not None and not Path(file).is_file():
+        raise FileNotFoundError(f"settings file not found: {file}")
+    return Settings(_env_file=file, **overrides)  # type: ignore[call-arg]
