@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import torch
-
-from reid.embedder import Embedder
-from reid.matching import BatchAssignment, assign_batch, merge_centroid
-from reid.preprocess import ImageError, crop, decode_image
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.records import DetectionRow, StoredAssignment
 from sinks.store import PgStore
+
+from reid.embedder import Embedder
+from reid.matching import BatchAssignment, assign_batch, merge_centroid
+from reid.preprocess import ImageError, crop, decode_image
 from streams.events import (
     DetectionEvent,
     InvalidEvent,

@@ -10,6 +10,7 @@ there, the three addresses come from the environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -264,10 +265,8 @@ class EmbeddedStack:
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _wait_gone(self, pid: int, name: str, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -276,10 +275,8 @@ class EmbeddedStack:
                 log.warning("stack: %s pid=%d ignored the stop request; killing it", name, pid)
                 self._signal(pid, signal.SIGKILL)
                 deadline = time.monotonic() + timeout
-            try:  # reap it when it is our own child
+            with contextlib.suppress(ChildProcessError):  # reap it when it is our own child
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             time.sleep(0.05)
 
     def _read_info(self) -> StackInfo | None:

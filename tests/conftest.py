@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded stack (real broker, PostgreSQL with pgvector, Redis) on loopback."""
+"""Shared fixtures: the embedded stack (broker, PostgreSQL with pgvector, Redis) on loopback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ZEBRA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zebra"
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["EmbeddedStack"]:  # noqa: F821
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:  # noqa: F821
     """One embedded stack for the whole session, stopped at the end whatever happened."""
     from streams.stack import EmbeddedStack
 
