@@ -1,0 +1,273 @@
+"""The assignment rule: which deer a detection belongs to, or whether it is a new deer.
+
+    s = W_RESNET * cos(r, R_deer) + W_EFFNET * cos(e, E_deer)
+    best s >= threshold -> that deer; otherwise a new deer.
+
+Pure numpy (no torch) so that storage code and offline tools can apply the identical rule.
+Scores are float32 dot products of L2-normalised vectors and are compared with `>=`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.40
+W_RESNET = 0.6
+W_EFFNET = 0.4
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """L2-normalise along the last axis (rows); all-zero rows stay zero. Returns float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def merge_centroid(centroid: np.ndarray, count: int, vectors: np.ndarray) -> np.ndarray:
+    """Running mean of `count` earlier sightings (as `centroid`) and new `vectors`, normalised.
+
+    `vectors` is one vector [dim] or several [k, dim].
+    """
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(centroid)[-1])
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    total = np.asarray(centroid, dtype=np.float32) * np.float32(count) + vectors.sum(axis=0)
+    return l2_normalise(total / np.float32(count + len(vectors)))
+
+
+@dataclass
+class Gallery:
+    """The known deer under one embedding version: ids, centroids and sighting counts."""
+
+    deer_ids: np.ndarray  # int64 [D]
+    resnet: np.ndarray  # float32 [D, dim]
+    effnet: np.ndarray  # float32 [D, dim]
+    sightings: np.ndarray  # int64 [D]
+
+    def __post_init__(self) -> None:
+        self.deer_ids = np.asarray(self.deer_ids, dtype=np.int64).reshape(-1)
+        self.resnet = np.asarray(self.resnet, dtype=np.float32)
+        self.effnet = np.asarray(self.effnet, dtype=np.float32)
+        self.sightings = np.asarray(self.sightings, dtype=np.int64).reshape(-1)
+        d = len(self.deer_ids)
+        if (
+            self.resnet.ndim != 2
+            or self.effnet.ndim != 2
+            or len(self.resnet) != d
+            or len(self.effnet) != d
+            or len(self.sightings) != d
+        ):
+            raise ValueError(
+                f"inconsistent gallery: ids {self.deer_ids.shape}, resnet {self.resnet.shape}, "
+                f"effnet {self.effnet.shape}, sightings {self.sightings.shape}"
+            )
+
+    @classmethod
+    def empty(cls, dim: int = 512) -> Gallery:
+        return cls(
+            deer_ids=np.zeros(0, dtype=np.int64),
+            resnet=np.zeros((0, dim), dtype=np.float32),
+            effnet=np.zeros((0, dim), dtype=np.float32),
+            sightings=np.zeros(0, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.deer_ids)
+
+
+def ensemble_scores(
+    resnet: np.ndarray,
+    effnet: np.ndarray,
+    gallery_resnet: np.ndarray,
+    gallery_effnet: np.ndarray,
+    w_resnet: float = W_RESNET,
+    w_effnet: float = W_EFFNET,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s, s_resnet, s_effnet), each float32 [N, D]; inputs must be L2-normalised rows."""
+    s_resnet = np.asarray(resnet, dtype=np.float32) @ np.asarray(gallery_resnet, np.float32).T
+    s_effnet = np.asarray(effnet, dtype=np.float32) @ np.asarray(gallery_effnet, np.float32).T
+    s = np.float32(w_resnet) * s_resnet + np.float32(w_effnet) * s_effnet
+    return s, s_resnet, s_effnet
+
+
+@dataclass
+class Match:
+    deer_id: int | None  # an existing deer; None when the deer was created in this batch
+    new_deer: int | None  # index into BatchAssignment.new_deer
+    is_new_deer: bool  # True only for the detection that created the deer
+    similarity: float | None  # assigned deer's score; for a creator the best rejected score
+    score_resnet: float | None
+    score_effnet: float | None
+
+
+@dataclass
+class NewDeer:
+    resnet: np.ndarray  # centroid after the whole batch
+    effnet: np.ndarray
+    sightings: int
+    first_detection: int  # batch index of the detection that created it
+
+
+@dataclass
+class BatchAssignment:
+    matches: list[Match]
+    new_deer: list[NewDeer]
+
+
+@dataclass
+class _Centroid:
+    """A centroid as updated by earlier detections of the current batch."""
+
+    resnet: np.ndarray
+    effnet: np.ndarray
+    count: int
+
+    def add(self, r: np.ndarray, e: np.ndarray) -> None:
+        self.resnet = merge_centroid(self.resnet, self.count, r)
+        self.effnet = merge_centroid(self.effnet, self.count, e)
+        self.count += 1
+
+
+def assign_batch(
+    resnet: np.ndarray,
+    effnet: np.ndarray,
+    gallery: Gallery,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    w_resnet: float = W_RESNET,
+    w_effnet: float = W_EFFNET,
+) -> BatchAssignment:
+    """Assign each detection, in batch order, to a deer or to a new deer.
+
+    Detection i sees every gallery deer and every deer created by detections < i, with
+    centroids as updated by those earlier detections. Ties go to the lowest index (gallery
+    order, then creation order, gallery before new deer).
+    """
+    resnet = np.asarray(resnet, dtype=np.float32)
+    effnet = np.asarray(effnet, dtype=np.float32)
+    _check_batch(resnet, effnet, gallery)
+    n, d = len(resnet), len(gallery)
+
+    # The expensive part, against the gallery as it was before this batch: one matmul each.
+    if d:
+        s_all, sr_all, se_all = ensemble_scores(
+            resnet, effnet, gallery.resnet, gallery.effnet, w_resnet, w_effnet
+        )
+    # Gallery deer already matched in this batch, whose columns must be rescored per row.
+    touched_cols: list[int] = []
+    touched: list[_Centroid] = []
+    touched_pos: dict[int, int] = {}
+    created: list[_Centroid] = []
+    first_detection: list[int] = []
+    matches: list[Match] = []
+
+    for i in range(n):
+        r, e = resnet[i], effnet[i]
+        best: _Score | None = None
+        best_col: int | None = None
+        best_new: int | None = None
+
+        if d:
+            row = s_all[i]
+            if touched:
+                t_s, t_sr, t_se = _score_centroids(r, e, touched, w_resnet, w_effnet)
+                row = row.copy()
+                row[touched_cols] = t_s
+            best_col = int(np.argmax(row))
+            k = touched_pos.get(best_col)
+            if k is None:
+                best = _Score(s_all[i, best_col], sr_all[i, best_col], se_all[i, best_col])
+            else:
+                best = _Score(t_s[k], t_sr[k], t_se[k])
+
+        if created:
+            c_s, c_sr, c_se = _score_centroids(r, e, created, w_resnet, w_effnet)
+            k = int(np.argmax(c_s))
+            # Strictly greater: on a tie the gallery deer (lower index) keeps it.
+            if best is None or c_s[k] > best.s:
+                best = _Score(c_s[k], c_sr[k], c_se[k])
+                best_col, best_new = None, k
+
+        if best is not None and best.s >= threshold:
+            if best_new is not None:
+                created[best_new].add(r, e)
+                matches.append(best.match(deer_id=None, new_deer=best_new, is_new_deer=False))
+                continue
+            assert best_col is not None
+            if best_col not in touched_pos:
+                touched_pos[best_col] = len(touched)
+                touched_cols.append(best_col)
+                touched.append(
+                    _Centroid(
+                        gallery.resnet[best_col],
+                        gallery.effnet[best_col],
+                        int(gallery.sightings[best_col]),
+                    )
+                )
+            touched[touched_pos[best_col]].add(r, e)
+            deer_id = int(gallery.deer_ids[best_col])
+            matches.append(best.match(deer_id=deer_id, new_deer=None, is_new_deer=False))
+            continue
+
+        # A new deer; its centroids start as its own vectors.
+        created.append(_Centroid(r.copy(), e.copy(), 1))
+        first_detection.append(i)
+        new_index = len(created) - 1
+        if best is None:
+            matches.append(Match(None, new_index, True, None, None, None))
+        else:
+            matches.append(best.match(deer_id=None, new_deer=new_index, is_new_deer=True))
+
+    new_deer = [
+        NewDeer(resnet=c.resnet, effnet=c.effnet, sightings=c.count, first_detection=f)
+        for c, f in zip(created, first_detection, strict=True)
+    ]
+    return BatchAssignment(matches=matches, new_deer=new_deer)
+
+
+class _Score:
+    __slots__ = ("s", "s_effnet", "s_resnet")
+
+    def __init__(self, s: np.floating, s_resnet: np.floating, s_effnet: np.floating) -> None:
+        self.s = float(s)
+        self.s_resnet = float(s_resnet)
+        self.s_effnet = float(s_effnet)
+
+    def match(self, *, deer_id: int | None, new_deer: int | None, is_new_deer: bool) -> Match:
+        return Match(
+            deer_id=deer_id,
+            new_deer=new_deer,
+            is_new_deer=is_new_deer,
+            similarity=self.s,
+            score_resnet=self.s_resnet,
+            score_effnet=self.s_effnet,
+        )
+
+
+def _score_centroids(
+    r: np.ndarray, e: np.ndarray, centroids: list[_Centroid], w_resnet: float, w_effnet: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s, sr, se = ensemble_scores(
+        r[None, :],
+        e[None, :],
+        np.stack([c.resnet for c in centroids]),
+        np.stack([c.effnet for c in centroids]),
+        w_resnet,
+        w_effnet,
+    )
+    return s[0], sr[0], se[0]
+
+
+def _check_batch(resnet: np.ndarray, effnet: np.ndarray, gallery: Gallery) -> None:
+    if resnet.ndim != 2 or effnet.ndim != 2 or len(resnet) != len(effnet):
+        raise ValueError(f"expected [N, dim] pairs, got {resnet.shape} and {effnet.shape}")
+    if resnet.shape[1] != gallery.resnet.shape[1] or effnet.shape[1] != gallery.effnet.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: batch {resnet.shape[1]}/{effnet.shape[1]}, "
+            f"gallery {gallery.resnet.shape[1]}/{gallery.effnet.shape[1]}"
+        )
+    # A NaN would win every argmax and silently become a deer.
+    if not (np.isfinite(resnet).all() and np.isfinite(effnet).all()):
+        raise ValueError("embeddings contain NaN or infinite values")
