@@ -1,0 +1,68 @@
+"""Apply the SQL migrations shipped in ``sinks/migrations`` (``NNNN_name.sql``), in order.
+
+Each file runs in its own transaction together with its row in ``schema_migrations``, so a
+failed file leaves nothing half-applied. Every transaction first takes a fixed advisory lock:
+two workers starting at once then apply each file exactly once, the second one waiting and
+finding it recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+# Arbitrary but fixed: every process that migrates this database must use the same key.
+MIGRATION_LOCK_KEY = 0x4445_4552_0000_0001
+
+_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def available() -> list[tuple[str, str]]:
+    """(version, sql) for every migration file in the package, in version order."""
+    folder = resources.files("sinks").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        if _NAME.match(entry.name):
+            found.append((entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8")))
+    numbers = [version[:4] for version, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"migrate: two migration files share a number: {sorted(numbers)}")
+    return sorted(found)
+
+
+def migrate(dsn: str) -> list[str]:
+    """Apply the migrations this database lacks; returns their versions (empty: up to date)."""
+    applied: list[str] = []
+    with psycopg.connect(dsn, autocommit=True, application_name="reid-migrate") as conn:
+        for version, sql in available():
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                conn.execute(_CREATE_LEDGER)
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
+                ).fetchone()
+                if done:
+                    continue
+                # No parameters: psycopg sends the file with the simple protocol, which
+                # accepts several statements.
+                conn.execute(sql)  # type: ignore[arg-type]  # trusted file shipped with the package
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, now())",
+                    (version,),
+                )
+            applied.append(version)
+            log.info("migrate: applied version=%s", version)
+    log.info("migrate: up to date applied=%d", len(applied))
+    return applied

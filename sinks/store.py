@@ -1,0 +1,422 @@
+"""PostgreSQL + pgvector: the truth about deer and detections.
+
+One connection per store, owned by the consumer thread. Every batch is written in one
+transaction that is idempotent on ``detection_id``: a redelivered detection inserts nothing,
+counts no second sighting, and reads back the assignment as first stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+from pgvector.psycopg import register_vector
+
+from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow, StoredAssignment
+
+log = logging.getLogger(__name__)
+
+# Serialises the creation of new deer across workers (same key everywhere, distinct from the
+# migration lock). New deer are rare, so the contention costs little.
+NEW_DEER_LOCK_KEY = 0x4445_4552_0000_0002
+
+Merge = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+
+_ASSIGNMENT_COLUMNS = (
+    "detection_id, deer_id, is_new_deer, similarity, score_resnet, score_effnet, "
+    "embedding_version, camera_id, captured_at, processed_at"
+)
+
+_INSERT_DETECTION = """
+INSERT INTO detections (
+    detection_id, camera_id, captured_at, deer_id, is_new_deer, similarity, score_resnet,
+    score_effnet, embedding_version, embedding_resnet, embedding_effnet, bbox, confidence,
+    species, source_topic, source_partition, source_offset, processed_at
+) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (detection_id) DO NOTHING
+RETURNING detection_id
+"""
+
+_INSERT_DEER = """
+INSERT INTO deer (
+    id, embedding_version, centroid_resnet, centroid_effnet, sightings, first_seen, last_seen
+) VALUES (%s, %s, %s, %s, %s, %s, %s)
+"""
+
+_LOCK_DEER = """
+SELECT id, embedding_version, centroid_resnet, centroid_effnet, sightings
+FROM deer WHERE id = ANY(%s) ORDER BY id FOR UPDATE
+"""
+
+_UPDATE_DEER = """
+UPDATE deer SET
+    centroid_resnet = %s,
+    centroid_effnet = %s,
+    sightings = sightings + %s,
+    first_seen = least(first_seen, %s),
+    last_seen = greatest(last_seen, %s),
+    updated_at = now()
+WHERE id = %s
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not be reached or the connection was lost; back off and retry.
+
+    Nothing of the failed call was committed. The next call reconnects.
+    """
+
+
+def _floats(vector: Any) -> np.ndarray:
+    if isinstance(vector, Vector):
+        return np.array(vector.to_numpy(), dtype=np.float32)
+    return np.asarray(vector, dtype=np.float32)
+
+
+def _opt_float(value: float | None) -> float | None:
+    # numpy scalars would otherwise reach the driver as types it may not adapt.
+    return None if value is None else float(value)
+
+
+class PgStore:
+    """Reads and writes deer centroids and detections; ``start()`` before use, ``stop()`` after."""
+
+    def __init__(self, dsn: str, *, dim: int = 512, connect_timeout: float = 5.0) -> None:
+        self._dsn = dsn
+        self.dim = dim
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the connection; raises StoreUnavailable when the database cannot be reached."""
+        self._started = True
+        self._connection()
+
+    def stop(self) -> None:
+        self._started = False
+        self._drop()
+
+    def ping(self) -> None:
+        with self._session("ping") as conn:
+            conn.execute("SELECT 1")
+
+    # -- reads ----------------------------------------------------------------------------
+    def existing_assignments(self, detection_ids: Sequence[str]) -> dict[str, StoredAssignment]:
+        """The stored assignments among ``detection_ids`` (absent ids are not in the result)."""
+        if not detection_ids:
+            return {}
+        with self._session("existing_assignments") as conn:
+            rows = conn.execute(
+                f"SELECT {_ASSIGNMENT_COLUMNS} FROM detections WHERE detection_id = ANY(%s)",
+                (list(detection_ids),),
+            ).fetchall()
+        return {row[0]: StoredAssignment(*row) for row in rows}
+
+    def load_centroids(
+        self, embedding_version: str, deer_ids: Sequence[int] | None = None
+    ) -> list[DeerCentroid]:
+        """Centroids of ``deer_ids`` (None: every deer) under ``embedding_version``, by id."""
+        query = (
+            "SELECT id, centroid_resnet, centroid_effnet, sightings FROM deer "
+            "WHERE embedding_version = %s"
+        )
+        params: list[Any] = [embedding_version]
+        if deer_ids is not None:
+            if len(deer_ids) == 0:
+                return []
+            query += " AND id = ANY(%s)"
+            params.append([int(i) for i in deer_ids])
+        t0 = time.perf_counter()
+        with self._session("load_centroids") as conn, conn.cursor(binary=True) as cur:
+            rows = cur.execute(query + " ORDER BY id", params).fetchall()
+        centroids = [DeerCentroid(int(i), _floats(r), _floats(e), int(n)) for i, r, e, n in rows]
+        log.debug(
+            "store: centroids loaded version=%s requested=%s loaded=%d ms=%.1f",
+            embedding_version, "all" if deer_ids is None else len(deer_ids), len(centroids),
+            (time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+        return centroids
+
+    def deer_count(self, embedding_version: str) -> int:
+        with self._session("deer_count") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM deer WHERE embedding_version = %s", (embedding_version,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- the batch write ------------------------------------------------------------------
+    def write_batch(
+        self,
+        embedding_version: str,
+        new_deer_count: int,
+        rows: Sequence[DetectionRow],
+        merge: Merge,
+    ) -> BatchWriteResult:
+        """Store a batch of assigned detections and update the deer, in one transaction.
+
+        Rows whose ``detection_id`` is already stored are left as they are: they add no
+        sighting and their result is the stored row. ``merge(centroid, count, vectors)`` is
+        the running mean (the caller's, so that cache, matcher and store agree on it).
+        Raises StoreUnavailable on connection loss (nothing committed), ValueError on rows
+        that contradict themselves or name a deer that is not stored under this version.
+        """
+        self._validate(new_deer_count, rows)
+        if not rows:
+            return BatchWriteResult([], [], 0, [])
+        t0 = time.perf_counter()
+        with self._session("write_batch") as conn, conn.transaction():
+            new_ids = self._allocate_new_deer(conn, new_deer_count)
+            inserted = self._insert_detections(conn, embedding_version, rows, new_ids)
+            created, new_centroids = self._create_new_deer(
+                conn, embedding_version, inserted, new_ids, merge
+            )
+            updated = self._update_known_deer(conn, embedding_version, inserted, merge)
+            stored = self._fetch_assignments(conn, [r.detection_id for r in rows])
+        missing = [r.detection_id for r in rows if r.detection_id not in stored]
+        if missing:  # cannot happen while detections are never deleted; say so loudly if it does
+            raise RuntimeError(f"store: rows missing after write: {missing[:5]}")
+        centroids = sorted(new_centroids + updated, key=lambda c: c.deer_id)
+        log.info(
+            "store: batch written version=%s rows=%d inserted=%d already_stored=%d "
+            "new_deer=%d updated_deer=%d ms=%.1f",
+            embedding_version, len(rows), len(inserted), len(rows) - len(inserted),
+            len(created), len(updated), (time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+        return BatchWriteResult(
+            assignments=[stored[r.detection_id] for r in rows],
+            centroids=centroids,
+            inserted=len(inserted),
+            new_deer_ids=created,
+        )
+
+    def _validate(self, new_deer_count: int, rows: Sequence[DetectionRow]) -> None:
+        if new_deer_count < 0:
+            raise ValueError(f"new_deer_count must be >= 0, got {new_deer_count}")
+        for row in rows:
+            if (row.deer_id is None) == (row.new_deer is None):
+                raise ValueError(
+                    f"detection {row.detection_id}: exactly one of deer_id and new_deer must be set"
+                )
+            if row.new_deer is not None and not 0 <= row.new_deer < new_deer_count:
+                raise ValueError(
+                    f"detection {row.detection_id}: new_deer={row.new_deer} outside "
+                    f"0..{new_deer_count - 1}"
+                )
+            for name in ("embedding_resnet", "embedding_effnet"):
+                vector = np.asarray(getattr(row, name))
+                if vector.shape != (self.dim,) or not np.isfinite(vector).all():
+                    raise ValueError(
+                        f"detection {row.detection_id}: {name} must be {self.dim} finite "
+                        f"floats, got shape {vector.shape}"
+                    )
+
+    @staticmethod
+    def _allocate_new_deer(conn: psycopg.Connection[Any], count: int) -> list[int]:
+        if count == 0:
+            return []
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_DEER_LOCK_KEY,))
+        rows = conn.execute(
+            "SELECT nextval('deer_id_seq') FROM generate_series(1, %s)", (count,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _insert_detections(
+        self,
+        conn: psycopg.Connection[Any],
+        version: str,
+        rows: Sequence[DetectionRow],
+        new_ids: list[int],
+    ) -> list[DetectionRow]:
+        """Insert what is not stored yet; returns the inserted rows, in input order."""
+        # A fixed order (by detection_id) keeps two workers inserting overlapping batches
+        # during a rebalance from waiting on each other in a cycle.
+        order = sorted(range(len(rows)), key=lambda i: rows[i].detection_id)
+        params = [self._detection_params(rows[i], version, new_ids) for i in order]
+        taken: list[int] = []
+        with conn.cursor() as cur:
+            cur.executemany(_INSERT_DETECTION, params, returning=True)
+            # One result per parameter set, in order; empty where the row already existed
+            # (including a repeat of a detection_id earlier in the same batch).
+            for i in order:
+                if cur.fetchone() is not None:
+                    taken.append(i)
+                cur.nextset()
+        return [rows[i] for i in sorted(taken)]
+
+    def _detection_params(
+        self, row: DetectionRow, version: str, new_ids: list[int]
+    ) -> tuple[Any, ...]:
+        deer_id = row.deer_id if row.deer_id is not None else new_ids[row.new_deer]  # type: ignore[index]
+        return (
+            row.detection_id,
+            row.camera_id,
+            row.captured_at,
+            int(deer_id),
+            bool(row.is_new_deer),
+            _opt_float(row.similarity),
+            _opt_float(row.score_resnet),
+            _opt_float(row.score_effnet),
+            version,
+            np.asarray(row.embedding_resnet, dtype=np.float32),
+            np.asarray(row.embedding_effnet, dtype=np.float32),
+            None if row.bbox is None else [float(v) for v in row.bbox],
+            _opt_float(row.confidence),
+            row.species,
+            row.source_topic,
+            int(row.source_partition),
+            int(row.source_offset),
+            row.processed_at,
+        )
+
+    def _create_new_deer(
+        self,
+        conn: psycopg.Connection[Any],
+        version: str,
+        inserted: list[DetectionRow],
+        new_ids: list[int],
+        merge: Merge,
+    ) -> tuple[list[int], list[DeerCentroid]]:
+        groups: dict[int, list[DetectionRow]] = defaultdict(list)
+        for row in inserted:
+            if row.new_deer is not None:
+                groups[row.new_deer].append(row)
+        if not groups:
+            return [], []
+        zeros = np.zeros(self.dim, dtype=np.float32)
+        centroids, params = [], []
+        for index in sorted(groups):
+            members = groups[index]
+            deer_id = new_ids[index]
+            resnet = self._merge(merge, zeros, 0, [r.embedding_resnet for r in members])
+            effnet = self._merge(merge, zeros, 0, [r.embedding_effnet for r in members])
+            captured = [r.captured_at for r in members]
+            params.append(
+                (deer_id, version, resnet, effnet, len(members), min(captured), max(captured))
+            )
+            centroids.append(DeerCentroid(deer_id, resnet, effnet, len(members)))
+        with conn.cursor() as cur:
+            cur.executemany(_INSERT_DEER, params)
+        return [c.deer_id for c in centroids], centroids
+
+    def _update_known_deer(
+        self,
+        conn: psycopg.Connection[Any],
+        version: str,
+        inserted: list[DetectionRow],
+        merge: Merge,
+    ) -> list[DeerCentroid]:
+        groups: dict[int, list[DetectionRow]] = defaultdict(list)
+        for row in inserted:
+            if row.deer_id is not None:
+                groups[int(row.deer_id)].append(row)
+        if not groups:
+            return []
+        # Locked in id order, so concurrent batches touching the same deer queue up instead
+        # of deadlocking, and each merges into the centroid the other committed.
+        with conn.cursor(binary=True) as cur:
+            locked = cur.execute(_LOCK_DEER, (sorted(groups),)).fetchall()
+        current = {int(i): (v, r, e, int(n)) for i, v, r, e, n in locked}
+        wrong = sorted(i for i in groups if i not in current or current[i][0] != version)
+        if wrong:
+            raise ValueError(f"store: deer {wrong[:10]} are not stored under version {version}")
+        centroids, params = [], []
+        for deer_id in sorted(groups):
+            members = groups[deer_id]
+            _, old_resnet, old_effnet, sightings = current[deer_id]
+            resnet = self._merge(
+                merge, _floats(old_resnet), sightings, [r.embedding_resnet for r in members]
+            )
+            effnet = self._merge(
+                merge, _floats(old_effnet), sightings, [r.embedding_effnet for r in members]
+            )
+            captured = [r.captured_at for r in members]
+            params.append((resnet, effnet, len(members), min(captured), max(captured), deer_id))
+            centroids.append(DeerCentroid(deer_id, resnet, effnet, sightings + len(members)))
+        with conn.cursor() as cur:
+            cur.executemany(_UPDATE_DEER, params)
+        return centroids
+
+    def _merge(
+        self, merge: Merge, centroid: np.ndarray, count: int, vectors: list[np.ndarray]
+    ) -> np.ndarray:
+        stacked = np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
+        # float32 is what pgvector stores: the cache then holds exactly the committed values.
+        out = np.asarray(merge(centroid, count, stacked), dtype=np.float32).reshape(-1)
+        if out.shape != (self.dim,) or not np.isfinite(out).all():
+            raise ValueError(f"merge returned shape {out.shape} or non-finite values")
+        return out
+
+    @staticmethod
+    def _fetch_assignments(
+        conn: psycopg.Connection[Any], detection_ids: list[str]
+    ) -> dict[str, StoredAssignment]:
+        rows = conn.execute(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM detections WHERE detection_id = ANY(%s)",
+            (detection_ids,),
+        ).fetchall()
+        return {row[0]: StoredAssignment(*row) for row in rows}
+
+    # -- the connection -------------------------------------------------------------------
+    def _connection(self) -> psycopg.Connection[Any]:
+        if not self._started:
+            raise RuntimeError("PgStore: call start() first")
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self._drop()
+        try:
+            conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,  # transactions are explicit: conn.transaction()
+                connect_timeout=max(1, math.ceil(self._connect_timeout)),
+                application_name="reid-sinks",
+            )
+        except psycopg.OperationalError as err:
+            log.warning("store: connect failed: %s", err)
+            raise StoreUnavailable(f"store: cannot connect to postgres: {err}") from err
+        try:
+            # Timestamps come back in UTC whatever the server's default zone.
+            conn.execute("SET TIME ZONE 'UTC'")
+            register_vector(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        log.info("store: connected backend_pid=%d", conn.info.backend_pid)
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a dead connection may fail to close; it is gone either way
+                log.debug("store: error closing a connection", exc_info=True)
+
+    @contextmanager
+    def _session(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            conn = self._connection()
+        except psycopg.OperationalError as err:  # e.g. register_vector on a dying server
+            self._drop()
+            raise StoreUnavailable(f"store: {what}: {err}") from err
+        try:
+            yield conn
+        except psycopg.OperationalError as err:
+            # Deadlocks and serialisation failures leave the connection usable (the
+            # transaction was rolled back); a lost server does not.
+            lost = conn.closed or conn.broken
+            if lost:
+                self._drop()
+            log.warning("store: %s failed connection_lost=%s: %s", what, lost, err)
+            raise StoreUnavailable(f"store: {what} failed: {err}") from err
