@@ -48,6 +48,9 @@ class DetectionRow:
     source_partition: int
     source_offset: int
     processed_at: datetime
+    # SHA-256 of the raw event: a later event under the same detection_id with another
+    # digest is a conflict, not a redelivery.
+    content_sha256: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class StoredAssignment:
     camera_id: str
     captured_at: datetime
     processed_at: datetime
+    content_sha256: bytes | None = None
 
 
 @dataclass

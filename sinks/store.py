@@ -32,15 +32,15 @@ Merge = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 _ASSIGNMENT_COLUMNS = (
     "detection_id, deer_id, is_new_deer, similarity, score_resnet, score_effnet, "
-    "embedding_version, camera_id, captured_at, processed_at"
+    "embedding_version, camera_id, captured_at, processed_at, content_sha256"
 )
 
 _INSERT_DETECTION = """
 INSERT INTO detections (
     detection_id, camera_id, captured_at, deer_id, is_new_deer, similarity, score_resnet,
     score_effnet, embedding_version, embedding_resnet, embedding_effnet, bbox, confidence,
-    species, source_topic, source_partition, source_offset, processed_at
-) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    species, source_topic, source_partition, source_offset, processed_at, content_sha256
+) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (detection_id) DO NOTHING
 RETURNING detection_id
 """
@@ -116,11 +116,7 @@ class PgStore:
         if not detection_ids:
             return {}
         with self._session("existing_assignments") as conn:
-            rows = conn.execute(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM detections WHERE detection_id = ANY(%s)",
-                (list(detection_ids),),
-            ).fetchall()
-        return {row[0]: StoredAssignment(*row) for row in rows}
+            return self._fetch_assignments(conn, list(detection_ids))
 
     def load_centroids(
         self, embedding_version: str, deer_ids: Sequence[int] | None = None
@@ -276,6 +272,7 @@ class PgStore:
             int(row.source_partition),
             int(row.source_offset),
             row.processed_at,
+            row.content_sha256,
         )
 
     def _create_new_deer(
@@ -364,7 +361,9 @@ class PgStore:
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM detections WHERE detection_id = ANY(%s)",
             (detection_ids,),
         ).fetchall()
-        return {row[0]: StoredAssignment(*row) for row in rows}
+        return {
+            row[0]: StoredAssignment(*row[:-1], content_sha256=_opt_bytes(row[-1])) for row in rows
+        }
 
     # -- the connection -------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[Any]:
@@ -420,3 +419,7 @@ class PgStore:
                 self._drop()
             log.warning("store: %s failed connection_lost=%s: %s", what, lost, err)
             raise StoreUnavailable(f"store: {what} failed: {err}") from err
+
+
+def _opt_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)

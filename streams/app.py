@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from reid.embedder import Embedder
 from sinks.cache import CentroidCache
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.store import PgStore
-
-from reid.embedder import Embedder
 from streams.consumer import StreamConsumer
 from streams.gallery import GalleryLoader
 from streams.processor import BatchProcessor

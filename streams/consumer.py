@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
 from sinks.metrics import StreamMetrics
 from sinks.publisher import PublishError
 from sinks.store import StoreUnavailable
-
 from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
 from streams.settings import Settings
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from sinks.migrate import migrate
-
 from streams.app import StreamApp
 from streams.produce import photos_from, produce_events
 from streams.settings import load_settings

@@ -6,12 +6,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+
+from reid.matching import Gallery
 from sinks.cache import CacheUnavailable, CentroidCache
 from sinks.metrics import StreamMetrics
 from sinks.records import DeerCentroid
 from sinks.store import PgStore
-
-from reid.matching import Gallery
 
 log = logging.getLogger(__name__)
 

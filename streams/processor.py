@@ -8,6 +8,8 @@ the database or the broker raise, so the runner retries the batch without commit
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -16,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import torch
-from sinks.metrics import StreamMetrics
-from sinks.publisher import KafkaPublisher
-from sinks.records import DetectionRow, StoredAssignment
-from sinks.store import PgStore
 
 from reid.embedder import Embedder
 from reid.matching import BatchAssignment, assign_batch, merge_centroid
 from reid.preprocess import ImageError, crop, decode_image
+from sinks.metrics import StreamMetrics
+from sinks.publisher import KafkaPublisher
+from sinks.records import DetectionRow, StoredAssignment
+from sinks.store import PgStore
 from streams.events import (
     DetectionEvent,
     InvalidEvent,
@@ -69,6 +71,10 @@ class _Pending:
     event: DetectionEvent
     pixels: torch.Tensor | None = None
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.message.value or b"").digest()
+
 
 class BatchProcessor:
     """Parse, decode, embed, match, persist, publish: one batch at a time."""
@@ -112,16 +118,19 @@ class BatchProcessor:
         self.metrics.events_consumed.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
 
-        pending, repeats = self._parse(messages, outcome)
-        stored = self.store.existing_assignments([p.event.detection_id for p in pending])
-        fresh = [p for p in pending if p.event.detection_id not in stored]
-        outcome.redelivered = len(pending) - len(fresh)
+        firsts, repeats = self._parse(messages, outcome)
+        stored = self.store.existing_assignments([p.event.detection_id for p in firsts])
+        firsts = self._drop_conflicts(firsts, stored, outcome)
+        fresh = [p for p in firsts if p.event.detection_id not in stored]
+        outcome.redelivered = len(firsts) - len(fresh)
 
-        fresh = self._decode(fresh, outcome)
+        rejected: dict[str, InvalidEvent] = {}
+        fresh = self._decode(fresh, rejected, outcome)
         if fresh:
             stored.update(self._embed_match_persist(fresh, outcome))
+        published = firsts + self._settle_repeats(firsts, repeats, rejected, outcome)
 
-        self._publish(pending + repeats, stored)
+        self._publish(published, stored)
         self.metrics.batches.inc()
         log.info(
             "batch %d: messages=%d existing=%d new_deer=%d redelivered=%d dead_lettered=%d "
@@ -130,6 +139,49 @@ class BatchProcessor:
             outcome.redelivered, outcome.dead_lettered, _offset_ranges(messages),
         )  # fmt: skip
         return outcome
+
+    def _drop_conflicts(
+        self, items: list[_Pending], stored: dict[str, StoredAssignment], outcome: BatchOutcome
+    ) -> list[_Pending]:
+        """A stored detection_id arriving with other content is a conflict, not a redelivery."""
+        kept = []
+        for item in items:
+            saved = stored.get(item.event.detection_id)
+            if saved is None or saved.content_sha256 in (None, item.digest):
+                kept.append(item)
+                continue
+            conflict = InvalidEvent(
+                "duplicate_conflict",
+                f"detection_id {item.event.detection_id!r} was stored earlier from other content",
+            )
+            self._dead_letter(item.message, conflict, outcome)
+        return kept
+
+    def _settle_repeats(
+        self,
+        firsts: list[_Pending],
+        repeats: list[_Pending],
+        rejected: dict[str, InvalidEvent],
+        outcome: BatchOutcome,
+    ) -> list[_Pending]:
+        """A repeat of a detection_id in one batch shares the fate of its first occurrence
+        when the bytes are the same; different content under one id is a conflict."""
+        first_by_id = {p.event.detection_id: p for p in firsts}
+        same: list[_Pending] = []
+        for item in repeats:
+            first = first_by_id[item.event.detection_id]
+            if item.message.value != first.message.value:
+                conflict = InvalidEvent(
+                    "duplicate_conflict",
+                    f"detection_id {item.event.detection_id!r} seen with different content "
+                    f"at offset {first.message.offset}",
+                )
+                self._dead_letter(item.message, conflict, outcome)
+            elif item.event.detection_id in rejected:
+                self._dead_letter(item.message, rejected[item.event.detection_id], outcome)
+            else:
+                same.append(item)
+        return same
 
     def _parse(
         self, messages: Sequence[SourceMessage], outcome: BatchOutcome
@@ -150,7 +202,9 @@ class BatchProcessor:
                 firsts[event.detection_id] = item
         return list(firsts.values()), repeats
 
-    def _decode(self, items: list[_Pending], outcome: BatchOutcome) -> list[_Pending]:
+    def _decode(
+        self, items: list[_Pending], rejected: dict[str, InvalidEvent], outcome: BatchOutcome
+    ) -> list[_Pending]:
         """Read, decode, crop and resize off the main thread; bad images become dead letters."""
         assert self._pool is not None, "start() the processor first"
         t0 = time.perf_counter()
@@ -161,6 +215,7 @@ class BatchProcessor:
                 item.pixels = future.result()
                 decoded.append(item)
             except InvalidEvent as err:
+                rejected[item.event.detection_id] = err
                 self._dead_letter(item.message, err, outcome)
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
         return decoded
@@ -276,6 +331,7 @@ def _rows(items: list[_Pending], plan: BatchAssignment, resnet, effnet) -> list[
                 source_partition=message.partition,
                 source_offset=message.offset,
                 processed_at=processed_at,
+                content_sha256=item.digest,
             )
         )
     return rows

@@ -39,7 +39,8 @@ CREATE TABLE detections (
     source_topic      text NOT NULL,
     source_partition  int NOT NULL,
     source_offset     bigint NOT NULL,
-    processed_at      timestamptz NOT NULL
+    processed_at      timestamptz NOT NULL,
+    content_sha256    bytea
 );
 
 CREATE INDEX detections_deer_id_idx ON detections (deer_id);

@@ -1,0 +1,247 @@
+"""`reid-stream run` as a real process against the embedded broker, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from PIL import Image
+
+from sinks.migrate import migrate
+from streams.produce import detection_event
+from streams.stack import free_port
+from streams.topics import ensure_topics, read_topic
+from tests.conftest import ZEBRA_DIR
+
+PARTITIONS = 2
+
+
+def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
+    by_id: dict[str, list[Path]] = {}
+    with open(ZEBRA_DIR / "index.csv") as f:
+        for row in csv.DictReader(f):
+            by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
+    chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
+    return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
+
+
+def png_bomb() -> bytes:
+    """A tiny PNG whose header declares 50,000 x 50,000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def planted_bad_events(tmp_root: Path) -> list[tuple[bytes, str]]:
+    good = detection_event(b"x", "cam-9")
+    ids = itertools.count()
+    truncated = (ZEBRA_DIR / "z1" / "z1_left_img-0000001.jpg").read_bytes()[:2000]
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), "gray").save(small, format="PNG")
+
+    def variant(**changes) -> bytes:
+        doc = {**good, "detection_id": f"bad-{next(ids)}"}
+        doc.update(changes)
+        return json.dumps({k: v for k, v in doc.items() if v is not None}).encode()
+
+    return [
+        (b"{this is not json", "bad_json"),
+        (variant(schema=99), "unknown_schema"),
+        (variant(camera_id=None), "missing_field"),
+        (variant(image_b64=b64(b"definitely not an image")), "undecodable_image"),
+        (variant(image_b64=b64(truncated)), "undecodable_image"),
+        (variant(image_b64=b64(png_bomb())), "image_too_large"),
+        (variant(image_b64=b64(small.getvalue()), bbox=[10, 10, 400, 20]), "bbox_outside_image"),
+        (variant(image_b64=None, image_uri="../../etc/passwd", bbox=[0, 0, 1, 1]),
+         "image_uri_forbidden"),
+        (variant(image_b64=None, image_uri="https://example.org/deer.jpg", bbox=[0, 0, 1, 1]),
+         "image_uri_remote"),
+    ]  # fmt: skip
+
+
+@pytest.fixture()
+def stream_env(stack, database_url, unique, tmp_path):
+    migrate(database_url)
+    env = {
+        **os.environ,
+        "REID_KAFKA_BOOTSTRAP_SERVERS": stack.info.kafka_bootstrap,
+        "REID_DATABASE_URL": database_url,
+        "REID_REDIS_URL": stack.info.redis_url,
+        "REID_TOPIC_DETECTIONS": f"detections-{unique}",
+        "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
+        "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
+        "REID_TOPIC_PARTITIONS": str(PARTITIONS),
+        "REID_GROUP_ID": f"reid-{unique}",
+        "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
+        "REID_SESSION_TIMEOUT_MS": "6000",
+        "REID_BATCH_MAX_SIZE": "8",
+        "REID_BATCH_MAX_WAIT_MS": "100",
+        "REID_METRICS_PORT": str(free_port()),
+        "REID_IMAGE_ROOTS": json.dumps([str(ZEBRA_DIR)]),
+        "REID_SHUTDOWN_TIMEOUT_S": "20",
+    }
+    return env
+
+
+def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> dict[int, int]:
+    """Publish (key, value) pairs; returns the end offset of each partition."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    ends: dict[int, int] = {}
+
+    def delivered(err, msg) -> None:
+        assert err is None, err
+        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
+
+    for key, value in values:
+        producer.produce(topic, value, key=key, on_delivery=delivered)
+    assert producer.flush(30) == 0
+    return ends
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
+    env = stream_env
+    bootstrap = env["REID_KAFKA_BOOTSTRAP_SERVERS"]
+    topics = [env["REID_TOPIC_DETECTIONS"], env["REID_TOPIC_ASSIGNMENTS"],
+              env["REID_TOPIC_DEAD_LETTERS"]]  # fmt: skip
+    ensure_topics({"bootstrap.servers": bootstrap}, topics, PARTITIONS)
+
+    # Good events: inline crops of 4 zebras, two by image_uri with a box, and one redelivery.
+    good: list[tuple[str, bytes]] = []
+    for i, (_who, path) in enumerate(zebra_images(individuals=4, per_individual=5)):
+        event = detection_event(path.read_bytes(), f"cam-{i % 3}", detection_id=f"det-{i:03d}")
+        good.append((event["camera_id"], json.dumps(event).encode()))
+    for j, (_who, path) in enumerate(zebra_images(individuals=1, per_individual=2)):
+        with Image.open(path) as img:
+            w, h = img.size
+        event = detection_event(b"", "cam-uri", detection_id=f"uri-{j}")
+        del event["image_b64"]
+        event.update(
+            image_uri=str(path.relative_to(ZEBRA_DIR)), bbox=[w * 0.1, h * 0.1, w * 0.9, h]
+        )
+        good.append(("cam-uri", json.dumps(event).encode()))
+    good.append(good[0])  # the same detection delivered twice
+    bad = planted_bad_events(tmp_path)
+    bad.append(bad[3])  # a bad event delivered twice: two dead letters
+    # The same detection_id with other content, on the original's partition (same key).
+    key, value = good[1]
+    conflict = {**json.loads(value), "confidence": 0.123}
+    bad.append((json.dumps(conflict).encode(), "duplicate_conflict"))
+    mixed = good[:7] + [("cam-bad", v) for v, _ in bad[:-1]] + good[7:] + [(key, bad[-1][0])]
+    ends = produce(bootstrap, topics[0], mixed)
+    unique_ids = {json.loads(v)["detection_id"] for _, v in good}
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "run"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assignments = read_topic(
+            {"bootstrap.servers": bootstrap}, topics[1], expected=len(good), timeout_s=240
+        )
+        dead = read_topic(
+            {"bootstrap.servers": bootstrap}, topics[2], expected=len(bad), timeout_s=30
+        )
+        _wait_committed(bootstrap, env["REID_GROUP_ID"], topics[0], ends, timeout_s=30)
+        metrics = scrape(int(env["REID_METRICS_PORT"]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+
+    # Every good detection: one assignment event, the redelivery with identical content.
+    events = [json.loads(m.value()) for m in assignments]
+    assert len(events) == len(good), output[-3000:]
+    by_id: dict[str, list[bytes]] = {}
+    for m in assignments:
+        by_id.setdefault(json.loads(m.value())["detection_id"], []).append(m.value())
+        assert m.key().decode() == json.loads(m.value())["deer_id"]
+    assert set(by_id) == unique_ids
+    assert len(by_id["det-000"]) == 2 and by_id["det-000"][0] == by_id["det-000"][1]
+
+    # Every bad event: a dead letter with its reason and the original bytes.
+    reasons = Counter(dict(m.headers())["dlq.reason"].decode() for m in dead)
+    assert reasons == Counter(reason for _, reason in bad)
+    assert Counter(m.value() for m in dead) == Counter(v for v, _ in bad)
+
+    # The database: one row per detection, deer consistent with the events.
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT detection_id, deer_id, is_new_deer, embedding_version FROM detections"
+        ).fetchall()
+        deer = conn.execute("SELECT id, sightings FROM deer").fetchall()
+    assert {r[0] for r in rows} == unique_ids and len(rows) == len(unique_ids)
+    assert sum(s for _, s in deer) == len(rows)
+    assert {r[1] for r in rows} == {i for i, _ in deer}
+    assert sum(1 for r in rows if r[2]) == len(deer)
+    first = {e["detection_id"]: e for e in events}
+    for detection_id, deer_id, is_new, version in rows:
+        assert first[detection_id]["deer_id"] == str(deer_id)
+        assert first[detection_id]["is_new_deer"] == is_new
+        assert first[detection_id]["embedding_version"] == version
+
+    # The metrics the dashboards read.
+    assert metrics["reid_events_consumed_total"] == len(mixed)
+    assert (
+        metrics['reid_assignments_total{outcome="existing"}']
+        + metrics['reid_assignments_total{outcome="new"}']
+    ) == len(unique_ids)
+    assert metrics['reid_assignments_total{outcome="new"}'] == len(deer)
+    for reason, count in reasons.items():
+        assert metrics[f'reid_dead_letters_total{{reason="{reason}"}}'] == count
+    assert metrics['reid_stage_duration_seconds_count{stage="embed"}'] >= 1
+    assert metrics['reid_cache_requests_total{result="hit"}'] > 0
+
+
+def _wait_committed(bootstrap: str, group: str, topic: str, ends: dict[int, int], timeout_s: float):
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=5)
+            got = {tp.partition: tp.offset for tp in committed}
+            if got == ends or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert got == ends
+    finally:
+        consumer.close()
