@@ -64,7 +64,7 @@ def test_embed_shapes_norms_and_one_pass_per_backbone(embedder: Embedder) -> Non
         assert arr.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(arr, axis=1), 1.0, atol=1e-5)
     assert embedder.source == "seeded"
-    assert embedder.embedding_version == "seed0-msr50+effb0-v1"
+    assert embedder.embedding_version == "seed0-msr50+effb0-calib-v2"
     assert embedder.device == "cpu"
     assert embedder.preprocess == Preprocess()
 
@@ -163,9 +163,9 @@ def test_embeddings_are_identical_across_processes(tmp_path: Path) -> None:
         assert proc.returncode == 0, stderr
         versions[name] = stdout.strip()
     assert versions == {
-        "a": "seed0-msr50+effb0-v1",
-        "b": "seed0-msr50+effb0-v1",
-        "c": "seed1-msr50+effb0-v1",
+        "a": "seed0-msr50+effb0-calib-v2",
+        "b": "seed0-msr50+effb0-calib-v2",
+        "c": "seed1-msr50+effb0-calib-v2",
     }
 
     def load(name: str, which: str) -> np.ndarray:

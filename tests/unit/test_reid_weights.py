@@ -14,6 +14,7 @@ from reid.weights import (
     CHECKPOINT_FORMAT,
     WeightsError,
     build_seeded,
+    calibration_images,
     load_ensemble,
     save_checkpoint,
 )
@@ -59,7 +60,7 @@ def test_checkpoint_round_trip(checkpoint: Path, seeded7: Ensemble, tmp_path: Pa
     assert loaded.preprocess == Preprocess(input_size=(96, 80))
     # seed=0 only builds the structure; every tensor comes from the seed-7 checkpoint.
     assert _states_equal(loaded.model, seeded7)
-    assert not _states_equal(loaded.model, build_seeded(0))
+    assert not _states_equal(loaded.model, build_seeded(0, calibrate=False))
     assert not list(checkpoint.parent.glob("*.tmp"))  # the temp file was renamed away
 
 
@@ -70,14 +71,36 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng_alone() -> None:
     a = build_seeded(3)
     assert torch.equal(torch.rand(3), expected)
     assert _states_equal(a, build_seeded(3))
-    assert not _states_equal(a, build_seeded(4))
+    assert not _states_equal(a, build_seeded(4, calibrate=False))
+
+
+def test_seeded_init_is_calibrated_not_degenerate(seeded7: Ensemble) -> None:
+    # Uncalibrated, EfficientNet's eval-mode features shrink to ~1e-14 (its output is the
+    # projection bias for every image) and ResNet cosines sit at 0.85-1.0 for any two images.
+    model = seeded7.eval()
+    g = torch.Generator().manual_seed(99)
+    noise = calibration_images(12345, n=4)  # another seed than the calibration set's
+    two_random = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        _, effnet = model(two_random)
+        resnet, effnet_noise = model(noise)
+    assert float(effnet[0] @ effnet[1]) < 0.999
+    iu = torch.triu_indices(4, 4, offset=1)
+    cos_r = (resnet @ resnet.T)[iu[0], iu[1]]
+    cos_e = (effnet_noise @ effnet_noise.T)[iu[0], iu[1]]
+    assert float(cos_e.max()) < 0.999
+    assert float((0.6 * cos_r + 0.4 * cos_e).mean()) < 0.5
+    # BatchNorm statistics were re-estimated, with eval mode and the default momentum restored.
+    bn = model.effnet.trunk.features[0][1]
+    assert not bn.training and bn.momentum == 0.1
+    assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
 def test_seeded_fallback_warns_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="reid.weights"):
         loaded = load_ensemble(seed=5, hub_dir=tmp_path)
     assert loaded.source == "seeded"
-    assert loaded.embedding_version == "seed5-msr50+effb0-v1"
+    assert loaded.embedding_version == "seed5-msr50+effb0-calib-v2"
     text = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "NOT meaningful" in text
     assert "weights_path" in text
@@ -197,7 +220,7 @@ def test_torchvision_cache_is_used_only_with_both_trunks(tmp_path: Path) -> None
     eff = loaded.model.effnet.trunk.state_dict()
     assert torch.equal(eff["features.0.0.weight"], effnet_state["features.0.0.weight"])
     # Heads come from the seeded initialisation.
-    heads = build_seeded(2)
+    heads = build_seeded(2, calibrate=False)
     assert torch.equal(loaded.model.resnet.proj_l2.weight, heads.resnet.proj_l2.weight)
     assert torch.equal(loaded.model.effnet.proj.weight, heads.effnet.proj.weight)
 
