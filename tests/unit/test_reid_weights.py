@@ -9,12 +9,12 @@ import torch
 from torchvision.models import efficientnet_b0, resnet50
 
 from reid.backbones import Ensemble
+from reid.calibration import calibration_images
 from reid.preprocess import Preprocess
 from reid.weights import (
     CHECKPOINT_FORMAT,
     WeightsError,
     build_seeded,
-    calibration_images,
     load_ensemble,
     save_checkpoint,
 )
