@@ -48,10 +48,12 @@ class Embedder:
         device: str = "auto",
         precision: str = "auto",
         hub_dir: Path | None = None,
+        input_size: int | None = None,
     ) -> None:
         self._weights_path = Path(weights_path) if weights_path is not None else None
         self._seed = seed
         self._hub_dir = hub_dir
+        self._input_size = input_size
         self._device = _resolve_device(device)
         self._precision = _resolve_precision(precision, self._device)
         self._loaded: LoadedEnsemble | None = None
@@ -84,7 +86,9 @@ class Embedder:
         """Load the weights and warm up; a second call while started does nothing."""
         if self._loaded is not None:
             return
-        loaded = load_ensemble(self._weights_path, seed=self._seed, hub_dir=self._hub_dir)
+        loaded = load_ensemble(
+            self._weights_path, seed=self._seed, hub_dir=self._hub_dir, input_size=self._input_size
+        )
         model = loaded.model.to(self._device).eval()
         if self._device.type == "cuda":
             # Batch shapes repeat, so cuDNN's autotuning pays for itself after a few batches.

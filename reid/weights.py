@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.models import EfficientNet_B0_Weights, ResNet50_Weights
 
 from reid.backbones import EfficientNetB0Embedder, Ensemble, MultiScaleResNet50
-from reid.calibration import calibrate_seeded
+from reid.calibration import calibrate_seeded, calibration_images
 from reid.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ class LoadedEnsemble:
     preprocess: Preprocess
 
 
-def build_seeded(seed: int = 0, *, calibrate: bool = True) -> Ensemble:
+def build_seeded(
+    seed: int = 0, *, calibrate: bool = True, preprocess: Preprocess | None = None
+) -> Ensemble:
     """Build the ensemble with a deterministic initialisation (CPU, float32).
 
     The global RNG is reseeded before each backbone, in a fixed order, so each backbone's
@@ -66,20 +68,40 @@ def build_seeded(seed: int = 0, *, calibrate: bool = True) -> Ensemble:
         effnet = EfficientNetB0Embedder()
     model = Ensemble(resnet, effnet)
     if calibrate:
-        calibrate_seeded(model, seed)
+        calibrate_seeded(model, seed, calibration_images(seed, preprocess=preprocess))
     return model
 
 
 def load_ensemble(
-    weights_path: Path | None = None, *, seed: int = 0, hub_dir: Path | None = None
+    weights_path: Path | None = None,
+    *,
+    seed: int = 0,
+    hub_dir: Path | None = None,
+    input_size: int | None = None,
 ) -> LoadedEnsemble:
-    """Resolve and load the ensemble's weights (see the module docstring for the order)."""
+    """Resolve and load the ensemble's weights (see the module docstring for the order).
+
+    ``input_size`` (square side in pixels) applies to the ImageNet and seeded paths; a
+    checkpoint keeps the size it was trained at and refuses another one.
+    """
     if weights_path is not None:
-        return _from_checkpoint(Path(weights_path), seed)
+        loaded = _from_checkpoint(Path(weights_path), seed)
+        if input_size is not None and loaded.preprocess.input_size != (input_size, input_size):
+            raise WeightsError(
+                f"{weights_path} was made for input size {loaded.preprocess.input_size}, "
+                f"not {input_size}; leave the input size unset to use the checkpoint's"
+            )
+        return loaded
+    preprocess = Preprocess() if input_size is None else Preprocess(input_size=(input_size,) * 2)
+    # Another input size gives other embeddings, so it is part of the version.
+    size_tag = "" if preprocess == Preprocess() else f"-{input_size}px"
     cache_dir = Path(hub_dir) if hub_dir is not None else Path(torch.hub.get_dir())
     cached = _find_cached_trunks(cache_dir / "checkpoints")
     if cached is not None:
-        return _from_torchvision_cache(*cached, seed=seed)
+        loaded = _from_torchvision_cache(*cached, seed=seed)
+        loaded.preprocess = preprocess
+        loaded.embedding_version += size_tag
+        return loaded
     log.warning(
         "NO TRAINED WEIGHTS: the re-identification ensemble is randomly initialised "
         "(seed=%d). Its embeddings are NOT meaningful for re-identification until trained "
@@ -90,10 +112,10 @@ def load_ensemble(
         cache_dir / "checkpoints",
     )
     return LoadedEnsemble(
-        model=build_seeded(seed),
-        embedding_version=f"seed{seed}-{SEEDED_VERSION_SUFFIX}",
+        model=build_seeded(seed, preprocess=preprocess),
+        embedding_version=f"seed{seed}-{SEEDED_VERSION_SUFFIX}{size_tag}",
         source="seeded",
-        preprocess=Preprocess(),
+        preprocess=preprocess,
     )
 
 

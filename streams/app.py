@@ -28,6 +28,7 @@ class StreamApp:
         self.embedder = Embedder(
             weights_path=settings.weights_path,
             seed=settings.seed,
+            input_size=settings.input_size,
             device=settings.device,
             precision=settings.precision,
         )

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # Model and matching
     weights_path: Path | None = Field(None, description="Ensemble checkpoint file")
     seed: int = Field(0, description="Seed of the initialisation when no weights are found")
+    input_size: int | None = Field(
+        None, ge=32, le=1024,
+        description="Model input side in pixels without a checkpoint (default 224)",
+    )  # fmt: skip
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU"
