@@ -76,6 +76,15 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.deer_ids)
 
+    def extended(self, other: Gallery) -> Gallery:
+        """This gallery followed by ``other``'s deer (ids must not repeat)."""
+        return Gallery(
+            deer_ids=np.concatenate([self.deer_ids, other.deer_ids]),
+            resnet=np.concatenate([self.resnet, other.resnet]),
+            effnet=np.concatenate([self.effnet, other.effnet]),
+            sightings=np.concatenate([self.sightings, other.sightings]),
+        )
+
 
 def ensemble_scores(
     resnet: np.ndarray,

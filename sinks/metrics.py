@@ -72,6 +72,11 @@ class StreamMetrics:
         self.store_errors = Counter(
             "reid_store_errors", "Failed batch attempts (store or publish), retried.", registry=r
         )
+        self.new_deer_rechecks = Counter(
+            "reid_new_deer_rechecks",
+            "Batches whose new deer were re-matched against deer created by other workers.",
+            registry=r,
+        )
         self.known_deer = Gauge(
             "reid_known_deer", "Deer known under the live embedding version.", registry=r
         )

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 NEW_DEER_LOCK_KEY = 0x4445_4552_0000_0002
 
 Merge = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+# Given the deer that other workers created since the caller's snapshot, the caller's plan
+# made again: (new deer count, rows).
+Replan = Callable[[list[DeerCentroid]], tuple[int, Sequence[DetectionRow]]]
 
 _ASSIGNMENT_COLUMNS = (
     "detection_id, deer_id, is_new_deer, similarity, score_resnet, score_effnet, "
@@ -135,7 +138,7 @@ class PgStore:
         t0 = time.perf_counter()
         with self._session("load_centroids") as conn, conn.cursor(binary=True) as cur:
             rows = cur.execute(query + " ORDER BY id", params).fetchall()
-        centroids = [DeerCentroid(int(i), _floats(r), _floats(e), int(n)) for i, r, e, n in rows]
+        centroids = [_centroid(row) for row in rows]
         log.debug(
             "store: centroids loaded version=%s requested=%s loaded=%d ms=%.1f",
             embedding_version, "all" if deer_ids is None else len(deer_ids), len(centroids),
@@ -157,8 +160,16 @@ class PgStore:
         new_deer_count: int,
         rows: Sequence[DetectionRow],
         merge: Merge,
+        *,
+        known_deer_ids: Sequence[int] | None = None,
+        replan: Replan | None = None,
     ) -> BatchWriteResult:
         """Store a batch of assigned detections and update the deer, in one transaction.
+
+        When the batch creates deer, creation is serialised across workers with an advisory
+        lock; holding it, the deer of this version missing from ``known_deer_ids`` (created by
+        others since the caller looked, or absent from its cache) are handed to ``replan``,
+        whose plan is written instead, so one animal never becomes two deer.
 
         Rows whose ``detection_id`` is already stored are left as they are: they add no
         sighting and their result is the stored row. ``merge(centroid, count, vectors)`` is
@@ -171,6 +182,14 @@ class PgStore:
             return BatchWriteResult([], [], 0, [])
         t0 = time.perf_counter()
         with self._session("write_batch") as conn, conn.transaction():
+            if new_deer_count > 0:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_DEER_LOCK_KEY,))
+                if replan is not None and known_deer_ids is not None:
+                    others = self._deer_unknown_to(conn, embedding_version, known_deer_ids)
+                    if others:
+                        new_deer_count, rows = replan(others)
+                        self._validate(new_deer_count, rows)
+                        log.info("store: re-planned against %d deer created elsewhere", len(others))
             new_ids = self._allocate_new_deer(conn, new_deer_count)
             inserted = self._insert_detections(conn, embedding_version, rows, new_ids)
             created, new_centroids = self._create_new_deer(
@@ -217,10 +236,23 @@ class PgStore:
                     )
 
     @staticmethod
+    def _deer_unknown_to(
+        conn: psycopg.Connection[Any], version: str, known: Sequence[int]
+    ) -> list[DeerCentroid]:
+        # An anti-join against the unnested ids (a hash join), not `<> ALL(array)`, which
+        # compares every row with every known id.
+        rows = conn.execute(
+            "SELECT d.id, d.centroid_resnet, d.centroid_effnet, d.sightings FROM deer d "
+            "WHERE d.embedding_version = %s AND NOT EXISTS "
+            "(SELECT 1 FROM unnest(%s::bigint[]) AS k(id) WHERE k.id = d.id) ORDER BY d.id",
+            (version, [int(i) for i in known]),
+        ).fetchall()
+        return [_centroid(row) for row in rows]
+
+    @staticmethod
     def _allocate_new_deer(conn: psycopg.Connection[Any], count: int) -> list[int]:
         if count == 0:
             return []
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_DEER_LOCK_KEY,))
         rows = conn.execute(
             "SELECT nextval('deer_id_seq') FROM generate_series(1, %s)", (count,)
         ).fetchall()
@@ -419,6 +451,11 @@ class PgStore:
                 self._drop()
             log.warning("store: %s failed connection_lost=%s: %s", what, lost, err)
             raise StoreUnavailable(f"store: {what} failed: {err}") from err
+
+
+def _centroid(row: Sequence[Any]) -> DeerCentroid:
+    deer_id, resnet, effnet, sightings = row
+    return DeerCentroid(int(deer_id), _floats(resnet), _floats(effnet), int(sightings))
 
 
 def _opt_bytes(value: Any) -> bytes | None:

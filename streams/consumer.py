@@ -37,6 +37,7 @@ class StreamConsumer:
         self.group_id = group_id or settings.group_id
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
+        self._revoked: set[tuple[str, int]] = set()
 
     def start(self) -> None:
         self._consumer = Consumer(self.settings.consumer_config(self.group_id), logger=log)
@@ -73,7 +74,7 @@ class StreamConsumer:
                 continue
             outcome = self._process_with_retry(messages)
             if outcome is None:
-                break  # stopping during an outage: nothing written, nothing committed
+                continue  # abandoned, uncommitted: redelivered to whoever owns the partitions
             self._commit(messages)
             if on_batch is not None:
                 on_batch(outcome)
@@ -94,6 +95,9 @@ class StreamConsumer:
         return messages
 
     def _process_with_retry(self, messages: Sequence[SourceMessage]) -> BatchOutcome | None:
+        """The batch's outcome, or None when it was abandoned (stop requested, or its
+        partitions revoked while an outage kept it from being written)."""
+        self._revoked.clear()
         attempt = 0
         while True:
             try:
@@ -103,9 +107,31 @@ class StreamConsumer:
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
                 log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
-                if self._stop.wait(delay):
+                self._wait_serving_group(delay)
+                if self._stop.is_set():
                     log.warning("consumer: stopping with an unwritten batch; not committing it")
                     return None
+                lost = {(m.topic, m.partition) for m in messages} & self._revoked
+                if lost:
+                    log.warning("consumer: partitions %s revoked during retries; abandoning "
+                                "the batch uncommitted", sorted(lost))  # fmt: skip
+                    return None
+
+    def _wait_serving_group(self, seconds: float) -> None:
+        """Sleep while still answering the group (heartbeats, rebalances), fetching nothing."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + seconds
+        self._consumer.pause(self._consumer.assignment())
+        try:
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                msg = self._consumer.poll(min(0.2, left))
+                if msg is not None and msg.error() is None:
+                    # From a partition assigned during the wait: give it back for later.
+                    here = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                    self._consumer.seek(here)
+                    self._consumer.pause([here])
+        finally:
+            self._consumer.resume(self._consumer.assignment())
 
     def _commit(self, messages: Sequence[SourceMessage]) -> None:
         assert self._consumer is not None
@@ -114,7 +140,12 @@ class StreamConsumer:
         for m in messages:
             key = (m.topic, m.partition)
             ends[key] = max(ends.get(key, -1), m.offset + 1)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(ends.items())]
+        # Partitions that moved to another member are left to it: it redoes their events
+        # idempotently, and committing here could move its offsets backwards.
+        owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(ends.items()) if (t, p) in owned]
+        if not offsets:
+            return
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as err:
@@ -136,8 +167,9 @@ class StreamConsumer:
         log.info("consumer: assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are processed and committed inside the loop that also serves these
-        # callbacks, so no batch is ever in flight while partitions are revoked.
+        # Callbacks run inside consume()/poll(): between batches, or while a batch waits out
+        # an outage, in which case the retry loop sees the revocation and abandons it.
+        self._revoked.update((p.topic, p.partition) for p in partitions)
         log.info("consumer: revoked %s", _names(partitions))
 
 

@@ -39,14 +39,21 @@ class GalleryLoader:
         self.store = store
         self.cache = cache
         self.metrics = metrics
+        # Versions whose cache missed writes while Redis was failing: reloaded in full from
+        # Postgres once Redis answers again.
+        self._stale: set[str] = set()
 
     def load(self, version: str) -> Gallery:
         if self.cache is None:
             return to_gallery(self.store.load_centroids(version))
         try:
+            if version in self._stale:
+                self.cache.invalidate(version)
+                self._stale.discard(version)
+                log.info("cache: redis is back; reloading version=%s from postgres", version)
             read = self.cache.get_all(version)
         except CacheUnavailable as err:
-            self._cache_failed("read", err)
+            self._cache_failed(version, "read", err)
             return to_gallery(self.store.load_centroids(version))
         if read is None:
             centroids = self.store.load_centroids(version)
@@ -71,8 +78,9 @@ class GalleryLoader:
         try:
             self.cache.put(version, centroids, complete=complete)
         except CacheUnavailable as err:
-            self._cache_failed("write", err)
+            self._cache_failed(version, "write", err)
 
-    def _cache_failed(self, what: str, err: Exception) -> None:
+    def _cache_failed(self, version: str, what: str, err: Exception) -> None:
+        self._stale.add(version)
         self.metrics.cache_errors.inc()
         log.warning("cache: %s failed, falling back to postgres: %s", what, err)

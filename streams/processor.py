@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,12 +20,12 @@ from datetime import UTC, datetime
 
 import torch
 
-from reid.embedder import Embedder
-from reid.matching import BatchAssignment, assign_batch, merge_centroid
+from reid.embedder import Embedder, Embeddings
+from reid.matching import BatchAssignment, Gallery, assign_batch, merge_centroid
 from reid.preprocess import ImageError, crop, decode_image
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
-from sinks.records import DetectionRow, StoredAssignment
+from sinks.records import DeerCentroid, DetectionRow, StoredAssignment
 from sinks.store import PgStore
 from streams.events import (
     DetectionEvent,
@@ -33,7 +34,7 @@ from streams.events import (
     dead_letter_headers,
     parse_detection,
 )
-from streams.gallery import GalleryLoader
+from streams.gallery import GalleryLoader, to_gallery
 from streams.images import ImageRoots, image_bytes
 from streams.settings import Settings
 
@@ -59,8 +60,15 @@ class BatchOutcome:
     assigned_existing: int = 0
     new_deer: int = 0
     redelivered: int = 0
-    dead_lettered: int = 0
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[tuple[SourceMessage, InvalidEvent]] = field(default_factory=list)
+
+    @property
+    def dead_lettered(self) -> int:
+        return len(self.dead_letters)
+
+    @property
+    def dead_letter_reasons(self) -> dict[str, int]:
+        return dict(Counter(err.reason for _, err in self.dead_letters))
 
 
 @dataclass
@@ -115,8 +123,6 @@ class BatchProcessor:
         outcome = BatchOutcome(batch_id=self._batches, messages=len(messages))
         if not messages:
             return outcome
-        self.metrics.events_consumed.inc(len(messages))
-        self.metrics.batch_size.observe(len(messages))
 
         firsts, repeats = self._parse(messages, outcome)
         stored = self.store.existing_assignments([p.event.detection_id for p in firsts])
@@ -130,8 +136,8 @@ class BatchProcessor:
             stored.update(self._embed_match_persist(fresh, outcome))
         published = firsts + self._settle_repeats(firsts, repeats, rejected, outcome)
 
-        self._publish(published, stored)
-        self.metrics.batches.inc()
+        self._publish(published, stored, outcome)
+        self._count(outcome)
         log.info(
             "batch %d: messages=%d existing=%d new_deer=%d redelivered=%d dead_lettered=%d "
             "offsets=%s",
@@ -234,31 +240,54 @@ class BatchProcessor:
         version = self.embedder.embedding_version
         with self._stage("embed"):
             vectors = self.embedder.embed(torch.stack([i.pixels for i in items]))
-        with self._stage("match"):
-            known = self.gallery.load(version)
+        processed_at = datetime.now(UTC)
+
+        def plan_against(known: Gallery) -> tuple[int, list[DetectionRow]]:
             plan = assign_batch(
                 vectors.resnet, vectors.effnet, known,
                 threshold=self.settings.threshold,
                 w_resnet=self.settings.weight_resnet, w_effnet=self.settings.weight_effnet,
             )  # fmt: skip
-        rows = _rows(items, plan, vectors.resnet, vectors.effnet)
+            return len(plan.new_deer), _rows(items, plan, vectors, processed_at)
+
+        with self._stage("match"):
+            known = self.gallery.load(version)
+            new_deer, rows = plan_against(known)
+
+        def replan(others: list[DeerCentroid]) -> tuple[int, list[DetectionRow]]:
+            # Deer created by another worker since `known` was read: match against them too.
+            self.metrics.new_deer_rechecks.inc()
+            return plan_against(known.extended(to_gallery(others)))
+
         with self._stage("persist"):
-            result = self.store.write_batch(version, len(plan.new_deer), rows, merge_centroid)
+            result = self.store.write_batch(
+                version, new_deer, rows, merge_centroid,
+                known_deer_ids=known.deer_ids.tolist(), replan=replan,
+            )  # fmt: skip
         self.gallery.put(version, result.centroids)
         self.metrics.known_deer.set(len(known) + len(result.new_deer_ids))
-        for row, saved in zip(rows, result.assignments, strict=True):
-            if saved.processed_at != row.processed_at:
+        for saved in result.assignments:
+            if saved.processed_at != processed_at:
                 continue  # stored meanwhile by another worker: counted there
             if saved.is_new_deer:
                 outcome.new_deer += 1
-                self.metrics.assignments.labels(outcome="new").inc()
             else:
                 outcome.assigned_existing += 1
-                self.metrics.assignments.labels(outcome="existing").inc()
         return {a.detection_id: a for a in result.assignments}
 
-    def _publish(self, items: list[_Pending], stored: dict[str, StoredAssignment]) -> None:
+    def _publish(
+        self, items: list[_Pending], stored: dict[str, StoredAssignment], outcome: BatchOutcome
+    ) -> None:
         with self._stage("publish"):
+            failed_at = datetime.now(UTC)
+            for message, err in outcome.dead_letters:
+                headers = dead_letter_headers(
+                    err.reason, err.detail, message.topic, message.partition, message.offset,
+                    failed_at,
+                )  # fmt: skip
+                self.publisher.send(
+                    self.settings.topic_dead_letters, message.key, message.value or b"", headers
+                )
             for item in items:
                 saved = stored.get(item.event.detection_id)
                 if saved is not None:
@@ -276,20 +305,24 @@ class BatchProcessor:
     def _dead_letter(
         self, message: SourceMessage, err: InvalidEvent, outcome: BatchOutcome
     ) -> None:
+        """Record a dead letter; it is sent with the batch's other output, after the commit
+        of its rows, so a batch retried after an outage does not send it twice."""
         log.warning(
             "dead letter: reason=%s topic=%s partition=%d offset=%d detail=%s",
             err.reason, message.topic, message.partition, message.offset, err.detail,
         )  # fmt: skip
-        headers = dead_letter_headers(
-            err.reason, err.detail, message.topic, message.partition, message.offset,
-            datetime.now(UTC),
-        )  # fmt: skip
-        self.publisher.send(
-            self.settings.topic_dead_letters, message.key, message.value or b"", headers
-        )
-        self.metrics.dead_letters.labels(reason=err.reason).inc()
-        outcome.dead_lettered += 1
-        outcome.dead_letter_reasons[err.reason] = outcome.dead_letter_reasons.get(err.reason, 0) + 1
+        outcome.dead_letters.append((message, err))
+
+    def _count(self, outcome: BatchOutcome) -> None:
+        """Metrics of a batch that went through (a retried attempt counts nothing)."""
+        m = self.metrics
+        m.events_consumed.inc(outcome.messages)
+        m.batch_size.observe(outcome.messages)
+        m.batches.inc()
+        m.assignments.labels(outcome="existing").inc(outcome.assigned_existing)
+        m.assignments.labels(outcome="new").inc(outcome.new_deer)
+        for reason, count in outcome.dead_letter_reasons.items():
+            m.dead_letters.labels(reason=reason).inc(count)
 
     def _stage(self, name: str) -> _StageTimer:
         return _StageTimer(self.metrics, name)
@@ -306,8 +339,9 @@ class _StageTimer:
         self.histogram.observe(time.perf_counter() - self.t0)
 
 
-def _rows(items: list[_Pending], plan: BatchAssignment, resnet, effnet) -> list[DetectionRow]:
-    processed_at = datetime.now(UTC)
+def _rows(
+    items: list[_Pending], plan: BatchAssignment, vectors: Embeddings, processed_at: datetime
+) -> list[DetectionRow]:
     rows = []
     for i, (item, match) in enumerate(zip(items, plan.matches, strict=True)):
         event, message = item.event, item.message
@@ -322,8 +356,8 @@ def _rows(items: list[_Pending], plan: BatchAssignment, resnet, effnet) -> list[
                 similarity=match.similarity,
                 score_resnet=match.score_resnet,
                 score_effnet=match.score_effnet,
-                embedding_resnet=resnet[i],
-                embedding_effnet=effnet[i],
+                embedding_resnet=vectors.resnet[i],
+                embedding_effnet=vectors.effnet[i],
                 bbox=list(event.bbox) if event.bbox else None,
                 confidence=event.confidence,
                 species=event.species,

@@ -326,3 +326,36 @@ def test_connection_lost_mid_batch_commits_nothing(store: PgStore, database_url:
         known: 2,
         retry.new_deer_ids[0]: 1,
     }
+
+
+def test_new_deer_are_rechecked_against_deer_created_elsewhere(store: PgStore) -> None:
+    """Two workers saw no deer and each plan a new deer for one animal: the second, holding
+    the creation lock, is re-planned against the first one's deer and joins it."""
+    rng = np.random.default_rng(11)
+    known_before: list[int] = []  # both snapshots were taken while no deer existed
+    first = store.write_batch(
+        VERSION, 1, [row(rng, "a-1", new_deer=0)], normalised_mean,
+        known_deer_ids=known_before, replan=lambda others: pytest.fail("nothing to re-check"),
+    )  # fmt: skip
+    created = first.new_deer_ids[0]
+    seen: list[list[int]] = []
+    second = row(rng, "a-2", new_deer=0)
+
+    def replan(others):
+        seen.append([c.deer_id for c in others])
+        joined = row(rng, "a-2", deer_id=others[0].deer_id)
+        return 0, [joined]
+
+    result = store.write_batch(
+        VERSION, 1, [second], normalised_mean, known_deer_ids=known_before, replan=replan
+    )
+    assert seen == [[created]]
+    assert result.new_deer_ids == []
+    assert result.assignments[0].deer_id == created and not result.assignments[0].is_new_deer
+    assert store.deer_count(VERSION) == 1
+    # A worker whose snapshot already holds the deer is not re-planned.
+    third = store.write_batch(
+        VERSION, 1, [row(rng, "b-1", new_deer=0)], normalised_mean,
+        known_deer_ids=[created], replan=lambda others: pytest.fail(f"re-planned: {others}"),
+    )  # fmt: skip
+    assert len(third.new_deer_ids) == 1
