@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import csv
-import io
-import itertools
 import json
 import os
 import signal
@@ -14,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -26,6 +25,7 @@ from streams.produce import detection_event
 from streams.stack import free_port
 from streams.topics import ensure_topics, read_topic
 from tests.conftest import ZEBRA_DIR
+from tests.corpus import bad_events
 
 PARTITIONS = 2
 
@@ -37,52 +37,6 @@ def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]
             by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
     chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
     return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
-
-
-def png_bomb() -> bytes:
-    """A tiny PNG whose header declares 50,000 x 50,000 pixels."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def planted_bad_events(tmp_root: Path) -> list[tuple[bytes, str]]:
-    good = detection_event(b"x", "cam-9")
-    ids = itertools.count()
-    truncated = (ZEBRA_DIR / "z1" / "z1_left_img-0000001.jpg").read_bytes()[:2000]
-    small = io.BytesIO()
-    Image.new("RGB", (40, 30), "gray").save(small, format="PNG")
-
-    def variant(**changes) -> bytes:
-        doc = {**good, "detection_id": f"bad-{next(ids)}"}
-        doc.update(changes)
-        return json.dumps({k: v for k, v in doc.items() if v is not None}).encode()
-
-    return [
-        (b"{this is not json", "bad_json"),
-        (variant(schema=99), "unknown_schema"),
-        (variant(camera_id=None), "missing_field"),
-        (variant(image_b64=b64(b"definitely not an image")), "undecodable_image"),
-        (variant(image_b64=b64(truncated)), "undecodable_image"),
-        (variant(image_b64=b64(png_bomb())), "image_too_large"),
-        (variant(image_b64=b64(small.getvalue()), bbox=[10, 10, 400, 20]), "bbox_outside_image"),
-        (variant(image_b64=None, image_uri="../../etc/passwd", bbox=[0, 0, 1, 1]),
-         "image_uri_forbidden"),
-        (variant(image_b64=None, image_uri="https://example.org/deer.jpg", bbox=[0, 0, 1, 1]),
-         "image_uri_remote"),
-    ]  # fmt: skip
 
 
 @pytest.fixture()
@@ -156,7 +110,9 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
         )
         good.append(("cam-uri", json.dumps(event).encode()))
     good.append(good[0])  # the same detection delivered twice
-    bad = planted_bad_events(tmp_path)
+    # A few kinds of bad input (tests/integration/test_hostile_input.py has them all).
+    corpus = bad_events(tmp_path / "images", max_message_bytes=8_000_000)
+    bad = [(b.value, b.reason) for b in corpus[:12:2]]
     bad.append(bad[3])  # a bad event delivered twice: two dead letters
     # The same detection_id with other content, on the original's partition (same key).
     key, value = good[1]
@@ -166,27 +122,16 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
     ends = produce(bootstrap, topics[0], mixed)
     unique_ids = {json.loads(v)["detection_id"] for _, v in good}
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "run"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
+    with stream_consumer(env) as consumer:
         assignments = read_topic(
             {"bootstrap.servers": bootstrap}, topics[1], expected=len(good), timeout_s=240
         )
         dead = read_topic(
             {"bootstrap.servers": bootstrap}, topics[2], expected=len(bad), timeout_s=30
         )
-        _wait_committed(bootstrap, env["REID_GROUP_ID"], topics[0], ends, timeout_s=30)
-        metrics = scrape(int(env["REID_METRICS_PORT"]))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+        consumer.wait_committed(ends)
+        metrics = consumer.metrics()
+    output = consumer.output
 
     # Every good detection: one assignment event, the redelivery with identical content.
     events = [json.loads(m.value()) for m in assignments]
@@ -232,16 +177,57 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
     assert metrics['reid_cache_requests_total{result="hit"}'] > 0
 
 
-def _wait_committed(bootstrap: str, group: str, topic: str, ends: dict[int, int], timeout_s: float):
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+class StreamConsumer:
+    """A `reid-stream run` process configured by ``env``; stopped with SIGTERM on exit, and
+    required to exit 0."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "run"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.output = ""
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(int(self.env["REID_METRICS_PORT"]))
+
+    def wait_committed(self, ends: dict[int, int], timeout_s: float = 30.0) -> None:
+        """Until the group's committed offsets reach ``ends`` (partition -> end offset)."""
+        topic = self.env["REID_TOPIC_DETECTIONS"]
+        consumer = Consumer(
+            {"bootstrap.servers": self.env["REID_KAFKA_BOOTSTRAP_SERVERS"],
+             "group.id": self.env["REID_GROUP_ID"]}
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=5)
+                got = {tp.partition: tp.offset for tp in committed}
+                if got == ends or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert got == ends, f"committed {got}, expected {ends}"
+        finally:
+            consumer.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.output, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.output, _ = self.proc.communicate()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def stream_consumer(env: dict[str, str]) -> Iterator[StreamConsumer]:
+    consumer = StreamConsumer(env)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=5)
-            got = {tp.partition: tp.offset for tp in committed}
-            if got == ends or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert got == ends
-    finally:
-        consumer.close()
+        yield consumer
+    except BaseException:
+        consumer.stop()
+        raise
+    code = consumer.stop()
+    assert code == 0, consumer.output[-3000:]
