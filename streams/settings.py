@@ -1,7 +1,9 @@
 """The one settings object: environment variables (prefix ``REID_``) and an optional file.
 
 The file is a dotenv-style ``KEY=value`` list named by ``REID_SETTINGS_FILE`` (or ``--settings``);
-environment variables win over it. ``reid`` and ``sinks`` never read settings themselves: the
+environment variables win over it. Secrets can also come from files in ``REID_SECRETS_DIR``
+(Docker/Kubernetes secrets), one file per setting named like its variable in lower case, e.g.
+``reid_database_url``. ``reid`` and ``sinks`` never read settings themselves: the
 stream passes each component the values it needs.
 """
 
@@ -136,4 +138,7 @@ def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) 
     file = file or os.environ.get("REID_SETTINGS_FILE")
     if file is not None and not Path(file).is_file():
         raise FileNotFoundError(f"settings file not found: {file}")
-    return Settings(_env_file=file, **overrides)  # type: ignore[call-arg]
+    secrets = os.environ.get("REID_SECRETS_DIR")
+    if secrets is not None and not Path(secrets).is_dir():
+        raise FileNotFoundError(f"secrets folder not found: {secrets}")
+    return Settings(_env_file=file, _secrets_dir=secrets, **overrides)  # type: ignore[call-arg]

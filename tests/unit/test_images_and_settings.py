@@ -80,3 +80,13 @@ def test_settings_reject_wrong_values(monkeypatch):
 def test_empty_redis_url_disables_the_cache(monkeypatch):
     monkeypatch.setenv("REID_REDIS_URL", "")
     assert load_settings().redis_url is None
+
+
+def test_secrets_come_from_files_and_stay_out_of_repr(tmp_path, monkeypatch):
+    (tmp_path / "reid_database_url").write_text("postgresql://reid:s3cret-pw@db:5432/reid")
+    (tmp_path / "reid_kafka_password").write_text("kafka-pw")
+    monkeypatch.setenv("REID_SECRETS_DIR", str(tmp_path))
+    s = load_settings()
+    assert s.database_url.get_secret_value().endswith("@db:5432/reid")
+    assert s.kafka_common()["sasl.password"] == "kafka-pw"
+    assert "s3cret-pw" not in repr(s) and "kafka-pw" not in str(s)
