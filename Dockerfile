@@ -1,28 +1,66 @@
-# The consumer image. torch's CUDA wheels carry the CUDA runtime and cuDNN, so a slim Python
-# base runs on a GPU host with the NVIDIA container toolkit (and on the CPU elsewhere).
-FROM python:3.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+# syntax=docker/dockerfile:1.7
+# The consumer image: CUDA runtime base, Python 3.11 (python-build-standalone via uv, since
+# the CUDA images ship another Python), pinned dependencies, non-root, weights baked in when
+# the build can reach them. Build: `docker compose build` or
+#   docker build -t deer-reid-stream --build-arg WEIGHTS_URL=https://.../ensemble.pt .
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.8.15
+
+FROM ${UV_IMAGE} AS uv
+
+# --- build: interpreter, virtual environment, pinned dependencies, the project -------------
+FROM ${CUDA_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
+ENV UV_PYTHON_INSTALL_DIR=/opt/python UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 \
+    UV_NO_CACHE=1
+RUN uv python install 3.11 && uv venv --python 3.11 /opt/venv
 WORKDIR /src
+# Dependencies first: this layer (torch and CUDA libraries, ~5 GB) survives code changes.
+COPY requirements.lock ./
+RUN uv pip install --python /opt/venv/bin/python --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY streams streams
 COPY reid reid
 COPY sinks sinks
-RUN pip install .
+RUN uv pip install --python /opt/venv/bin/python --no-deps .
 
-FROM python:3.11-slim-bookworm
-RUN useradd --create-home --uid 10001 reid
+# --- weights: baked in when reachable, else the image still builds ----------------------
+FROM build AS weights
+# A trained ensemble checkpoint ('reid-ensemble/1', see reid/weights.py), if you have one.
+ARG WEIGHTS_URL=""
+# torchvision's ImageNet trunks (a better start than the seeded fallback) when the build has
+# network access; without it the step says so and the image starts from the seeded weights.
+ARG BAKE_IMAGENET_WEIGHTS=1
+ENV TORCH_HOME=/opt/reid/torch
+RUN mkdir -p /opt/reid/weights /opt/reid/torch \
+ && if [ -n "$WEIGHTS_URL" ]; then \
+        /opt/venv/bin/python -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], '/opt/reid/weights/ensemble.pt')" "$WEIGHTS_URL"; \
+    fi \
+ && if [ "$BAKE_IMAGENET_WEIGHTS" = "1" ]; then \
+        /opt/venv/bin/python -c "from torchvision import models as m; m.resnet50(weights=m.ResNet50_Weights.IMAGENET1K_V2); m.efficientnet_b0(weights=m.EfficientNet_B0_Weights.IMAGENET1K_V1)" \
+        || echo "WARNING: ImageNet weights not reachable at build time; mount a checkpoint at /models/ensemble.pt"; \
+    fi
+
+# --- runtime ---------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 reid \
+ && useradd --system --uid 10001 --gid reid --home-dir /home/reid --create-home reid \
+ && mkdir /models && chown reid:reid /models
+COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
+COPY --from=weights /opt/reid /opt/reid
+COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    TORCH_HOME=/opt/reid/torch \
     REID_METRICS_HOST=0.0.0.0 \
-    REID_METRICS_PORT=9108
-# Mount trained weights here and set REID_WEIGHTS_PATH=/models/ensemble.pt
-RUN mkdir /models && chown reid /models
+    REID_METRICS_PORT=9108 \
+    REID_LOG_FORMAT=json
 USER reid
+WORKDIR /home/reid
 EXPOSE 9108
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=4)"
-ENTRYPOINT ["reid-stream"]
+# Liveness: the process answers on its operations port (readiness is /readyz).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('REID_METRICS_PORT', '9108'), timeout=4)"]
+ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["run"]

@@ -1,14 +1,20 @@
 """The Prometheus metrics of the stream, in a registry of their own.
 
 Label values that are known in advance are created up front, so that dashboards and alerts
-see a zero series from the first scrape instead of no series at all.
+see a zero series from the first scrape instead of no series at all. Every label set is
+bounded: stages, outcomes, dead-letter reasons and dependencies are fixed lists, and
+partitions are bounded by the input topic's partition count.
+
+Rates (events/s, the new-deer rate) are PromQL ``rate()`` of the counters, not metrics of
+their own. Values that only the stream can read (GPU memory, which needs torch) are
+injected as callables, since this package never imports torch.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from wsgiref.simple_server import WSGIServer
+import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,8 +23,9 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    start_http_server,
 )
+
+from sinks.http import OpsServer, Readiness
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,11 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # From a fast in-memory stage (ms) to a CPU forward pass of a full batch (tens of seconds).
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# Ensemble scores around the default threshold (0.40) are where tuning decisions are made.
+SIMILARITY_BUCKETS = (-0.2, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DECISIONS = ("accepted", "rejected")
+DEPENDENCIES = ("kafka", "postgres", "redis")
 
 
 class StreamMetrics:
@@ -86,7 +98,53 @@ class StreamMetrics:
             registry=r,
         )
         self.embedding_info = Info(
-            "reid_model", "The embedding model: version, device, precision.", registry=r
+            "reid_model",
+            "The embedding model: backbones, embedding version, weights source, device, precision.",
+            registry=r,
+        )
+        self.batch_fill_ratio = Histogram(
+            "reid_batch_fill_ratio",
+            "Events per batch divided by the batch size limit (1 = full batches).",
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
+        self.match_similarity = Histogram(
+            "reid_match_similarity",
+            "Ensemble score of each detection: of the deer it joined (accepted), or of the best "
+            "candidate it rejected before creating a new deer (rejected).",
+            ["decision"],
+            buckets=SIMILARITY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "reid_consumer_lag_messages",
+            "End offset minus committed offset of each partition this consumer owns.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "reid_assigned_partitions", "Input partitions this consumer owns.", registry=r
+        )
+        self.last_commit_age = Gauge(
+            "reid_last_commit_age_seconds",
+            "Seconds since the last input offset commit (since the start before the first).",
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "reid_dependency_up",
+            "1 when the last health check reached the dependency, else 0.",
+            ["dependency"],
+            registry=r,
+        )
+        self.gpu_memory_bytes = Gauge(
+            "reid_gpu_memory_allocated_bytes",
+            "Device memory held by tensors of the model's GPU (0 on the CPU).",
+            registry=r,
+        )
+        self.up_since = time.time()
+        self._last_commit: float | None = None
+        self.last_commit_age.set_function(
+            lambda: time.time() - (self._last_commit or self.up_since)
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -94,27 +152,34 @@ class StreamMetrics:
             self.assignments.labels(outcome=outcome)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        for decision in DECISIONS:
+            self.match_similarity.labels(decision=decision)
+        self._server: OpsServer | None = None
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics in a daemon thread; ``port`` 0 picks a free port. Returns the port."""
+    def committed(self) -> None:
+        """Record an input offset commit (the timestamp and the age gauge)."""
+        self._last_commit = time.time()
+        self.last_commit_timestamp.set(self._last_commit)
+
+    def gpu_memory_from(self, read: Callable[[], float]) -> None:
+        """Read GPU memory at scrape time from ``read`` (supplied by the stream)."""
+        self.gpu_memory_bytes.set_function(read)
+
+    def serve(self, port: int, host: str = "127.0.0.1", readiness: Readiness | None = None) -> int:
+        """Serve /metrics, /healthz and /readyz in a daemon thread; ``port`` 0 picks a free
+        port. ``readiness`` answers /readyz (always ready without it). Returns the port."""
         if self._server is not None:
             raise RuntimeError("StreamMetrics: already serving")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._server.server_address[1])
+        self._server = OpsServer(self.render, readiness, host=host, port=port)
+        bound = self._server.start()
         log.info("metrics: serving host=%s port=%d", host, bound)
         return bound
 
     def shutdown(self) -> None:
         server, self._server = self._server, None
-        thread, self._thread = self._thread, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        server.stop()
         log.info("metrics: stopped")
 
     def render(self) -> bytes:

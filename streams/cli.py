@@ -14,23 +14,28 @@ from pathlib import Path
 log = logging.getLogger("reid-stream")
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    from streams.logs import setup_logging
+
+    # Before the settings are validated a wrong value must not stop the message saying so.
+    level = level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO"
+    setup_logging(level, fmt if fmt in ("text", "json") else "text")
 
 
 def _settings(args: argparse.Namespace, **overrides):
     from pydantic import ValidationError
 
-    from streams.settings import load_settings
+    from streams.settings import explain, load_settings
 
     try:
-        return load_settings(args.settings, **overrides)
-    except (ValidationError, FileNotFoundError) as err:
-        sys.exit(f"reid-stream: invalid settings:\n{err}")
+        settings = load_settings(args.settings, **overrides)
+    except ValidationError as err:
+        sys.exit(f"reid-stream: invalid settings:\n{explain(err)}")
+    except FileNotFoundError as err:
+        sys.exit(f"reid-stream: invalid settings: {err}")
+    # Flags given on the command line win over the settings.
+    _setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+    return settings
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
@@ -59,7 +64,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streams.app import StreamApp
 
     settings = _settings(args)
-    logging.getLogger().setLevel(settings.log_level.upper())
     app = StreamApp(settings)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -121,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--settings", type=Path, default=None, help="dotenv settings file (REID_SETTINGS_FILE)"
     )
-    parser.add_argument("--log-level", default=os.environ.get("REID_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=None, help="overrides REID_LOG_LEVEL")
+    parser.add_argument(
+        "--log-format", default=None, help="text or json; overrides REID_LOG_FORMAT"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="start/stop the embedded broker, PostgreSQL and Redis")
@@ -151,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(
+        args.log_level or os.environ.get("REID_LOG_LEVEL", "INFO"),
+        args.log_format or os.environ.get("REID_LOG_FORMAT", "text"),
+    )
     return args.func(args)
 
 

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from sinks.metrics import StreamMetrics
 from sinks.publisher import PublishError
 from sinks.store import StoreUnavailable
+from streams.lag import LagSampler
 from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
 from streams.settings import Settings
 
@@ -38,6 +39,7 @@ class StreamConsumer:
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
+        self.lag = LagSampler(metrics, settings.lag_interval_s)
 
     def start(self) -> None:
         self._consumer = Consumer(self.settings.consumer_config(self.group_id), logger=log)
@@ -69,6 +71,7 @@ class StreamConsumer:
     def run(self, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
         assert self._consumer is not None, "start() first"
         while not self._stop.is_set():
+            self.lag.maybe_sample(self._consumer)
             messages = self._window()
             if not messages:
                 continue
@@ -124,6 +127,7 @@ class StreamConsumer:
         self._consumer.pause(self._consumer.assignment())
         try:
             while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self.lag.maybe_sample(self._consumer)  # an outage is when lag matters most
                 msg = self._consumer.poll(min(0.2, left))
                 if msg is not None and msg.error() is None:
                     # From a partition assigned during the wait: give it back for later.
@@ -154,7 +158,8 @@ class StreamConsumer:
             log.warning("consumer: commit failed, the batch will be redelivered: %s", err)
             return
         self.metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - t0)
-        self.metrics.last_commit_timestamp.set(time.time())
+        self.metrics.committed()
+        self.lag.committed(offsets)
 
     def _on_error(self, msg: Message) -> None:
         err = msg.error()

@@ -138,11 +138,18 @@ class BatchProcessor:
 
         self._publish(published, stored, outcome)
         self._count(outcome)
+        offsets = _offset_ranges(messages)
         log.info(
             "batch %d: messages=%d existing=%d new_deer=%d redelivered=%d dead_lettered=%d "
             "offsets=%s",
             outcome.batch_id, outcome.messages, outcome.assigned_existing, outcome.new_deer,
-            outcome.redelivered, outcome.dead_lettered, _offset_ranges(messages),
+            outcome.redelivered, outcome.dead_lettered, offsets,
+            extra={
+                "batch_id": outcome.batch_id, "messages": outcome.messages,
+                "assigned_existing": outcome.assigned_existing, "new_deer": outcome.new_deer,
+                "redelivered": outcome.redelivered, "dead_lettered": outcome.dead_lettered,
+                "dead_letter_reasons": outcome.dead_letter_reasons, "offsets": offsets,
+            },
         )  # fmt: skip
         return outcome
 
@@ -273,6 +280,9 @@ class BatchProcessor:
                 outcome.new_deer += 1
             else:
                 outcome.assigned_existing += 1
+            if saved.similarity is not None:  # None: a new deer with no candidate at all
+                decision = "rejected" if saved.is_new_deer else "accepted"
+                self.metrics.match_similarity.labels(decision=decision).observe(saved.similarity)
         return {a.detection_id: a for a in result.assignments}
 
     def _publish(
@@ -310,6 +320,8 @@ class BatchProcessor:
         log.warning(
             "dead letter: reason=%s topic=%s partition=%d offset=%d detail=%s",
             err.reason, message.topic, message.partition, message.offset, err.detail,
+            extra={"reason": err.reason, "topic": message.topic,
+                   "partition": message.partition, "offset": message.offset},
         )  # fmt: skip
         outcome.dead_letters.append((message, err))
 
@@ -318,6 +330,7 @@ class BatchProcessor:
         m = self.metrics
         m.events_consumed.inc(outcome.messages)
         m.batch_size.observe(outcome.messages)
+        m.batch_fill_ratio.observe(outcome.messages / self.settings.batch_max_size)
         m.batches.inc()
         m.assignments.labels(outcome="existing").inc(outcome.assigned_existing)
         m.assignments.labels(outcome="new").inc(outcome.new_deer)

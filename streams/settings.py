@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -89,12 +89,34 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="SIGTERM: finish the batch within this, else abandon it"
     )
-    log_level: str = Field("INFO", description="Python logging level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Python logging level"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (for log shippers)"
+    )
+    lag_interval_s: float = Field(
+        5.0, gt=0, description="How often partition end offsets are read for the lag metric"
+    )
+    health_interval_s: float = Field(
+        5.0, gt=0, description="How often /readyz re-checks the broker, Postgres and Redis"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_redis_disables(cls, value: Any) -> Any:
         return None if value in ("", None) else value
+
+    @field_validator("weights_path", "input_size", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Compose passes `${VAR:-}` as an empty string; that means "not set", not Path(".").
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _weights_sum_to_one(self) -> Settings:
@@ -131,6 +153,22 @@ class Settings(BaseSettings):
         conf = self.kafka_common()
         conf.setdefault("message.max.bytes", max(1_000_000, self.max_message_bytes + 65_536))
         return conf
+
+
+def explain(err: ValidationError) -> str:
+    """One line per wrong setting, named as its environment variable, with the value given."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(part) for part in e["loc"]) or "settings"
+        name = f"REID_{field.upper()}" if e["loc"] else "settings"
+        given = "" if e["type"] == "missing" or not e["loc"] else f" (got {e['input']!r})"
+        if field in SECRET_FIELDS:
+            given = ""  # a wrong secret is still a secret
+        lines.append(f"  {name}: {e['msg']}{given}")
+    return "\n".join(lines)
+
+
+SECRET_FIELDS = frozenset({"database_url", "redis_url", "kafka_password", "kafka_options"})
 
 
 def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

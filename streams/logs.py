@@ -1,0 +1,75 @@
+"""Logging setup: text lines for people, or JSON lines for log shippers (``REID_LOG_FORMAT``).
+
+Structured fields ride on ``extra=`` (``log.info("...", extra={"batch_id": 7})``): the JSON
+format writes them as top-level keys, the text format leaves them out (the message already
+says the same in words). Only scalars and small lists/dicts of scalars are written, and long
+strings are cut, so a careless ``extra`` cannot put image bytes into the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+MAX_FIELD_CHARS = 512
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _clip(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_FIELD_CHARS:
+            return value[:MAX_FIELD_CHARS] + f"...(+{len(value) - MAX_FIELD_CHARS} chars)"
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"  # never the bytes themselves
+    if depth < 2 and isinstance(value, list | tuple):
+        return [_clip(v, depth + 1) for v in value[:64]]
+    if depth < 2 and isinstance(value, dict):
+        return {str(k): _clip(v, depth + 1) for k, v in list(value.items())[:64]}
+    return _clip(str(value), depth + 1) if depth < 3 else "<...>"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the ``extra`` fields, and exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_") and key not in doc:
+                doc[key] = _clip(value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """(Re)configure the root logger to stderr; safe to call again once settings are read."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
