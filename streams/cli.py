@@ -24,6 +24,7 @@ def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 
 def _settings(args: argparse.Namespace, **overrides):
     from pydantic import ValidationError
+    from pydantic_settings.exceptions import SettingsError
 
     from streams.settings import explain, load_settings
 
@@ -31,8 +32,8 @@ def _settings(args: argparse.Namespace, **overrides):
         settings = load_settings(args.settings, **overrides)
     except ValidationError as err:
         sys.exit(f"reid-stream: invalid settings:\n{explain(err)}")
-    except FileNotFoundError as err:
-        sys.exit(f"reid-stream: invalid settings: {err}")
+    except (SettingsError, FileNotFoundError) as err:
+        sys.exit(f"reid-stream: invalid settings:\n  {err}")
     # Flags given on the command line win over the settings.
     _setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
     return settings

@@ -10,11 +10,13 @@ stream passes each component the values it needs.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 
 class Settings(BaseSettings):
@@ -160,7 +162,9 @@ def explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(part) for part in e["loc"]) or "settings"
-        name = f"REID_{field.upper()}" if e["loc"] else "settings"
+        # Unknown names from a dotenv file come with their prefix already.
+        name = field.upper() if field.startswith("reid_") else f"REID_{field.upper()}"
+        name = name if e["loc"] else "settings"
         given = "" if e["type"] == "missing" or not e["loc"] else f" (got {e['input']!r})"
         if field in SECRET_FIELDS:
             given = ""  # a wrong secret is still a secret
@@ -179,4 +183,10 @@ def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) 
     secrets = os.environ.get("REID_SECRETS_DIR")
     if secrets is not None and not Path(secrets).is_dir():
         raise FileNotFoundError(f"secrets folder not found: {secrets}")
-    return Settings(_env_file=file, _secrets_dir=secrets, **overrides)  # type: ignore[call-arg]
+    try:
+        return Settings(_env_file=file, _secrets_dir=secrets, **overrides)  # type: ignore[call-arg]
+    except SettingsError as err:
+        # pydantic-settings names the field but not the variable; the value stays out.
+        m = re.search(r'field "(\w+)"', str(err))
+        name = f"REID_{m.group(1).upper()}" if m else "a setting"
+        raise SettingsError(f"{name}: cannot parse the value (lists and objects are JSON)") from err
