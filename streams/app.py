@@ -113,6 +113,8 @@ class StreamApp:
             }
         )
         self.store.start()
+        # From the start, not only after the first batch: the dashboard shows it at once.
+        self.metrics.known_deer.set(self.store.deer_count(self.embedder.embedding_version))
         if self.cache is not None:
             self.cache.start()
         self.publisher.start()
