@@ -150,11 +150,15 @@ def query_gallery(test: Sequence[Sample], mode: str = "all", seed: int = 0) -> S
     return Split([], query, [s for s in test if s not in chosen])
 
 
-def limit_identities(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+def limit_identities(
+    samples: Sequence[Sample], n: int, seed: int = 0, always: Sequence[str] = ()
+) -> list[Sample]:
+    """``n`` identities (the ``always`` ones among them, the rest drawn with ``seed``)."""
     ids = sorted({s.identity for s in samples})
     if n <= 0 or n >= len(ids):
         return list(samples)
-    keep = set(random.Random(seed).sample(ids, n))
+    rest = [i for i in ids if i not in set(always)]
+    keep = set(always) | set(random.Random(seed).sample(rest, max(0, n - len(always))))
     return [s for s in samples if s.identity in keep]
 
 

@@ -92,6 +92,14 @@ def load_checkpoint(path: str | Path) -> EvalModel:
     )
 
 
+def stream_default(input_size: int | None = None) -> EvalModel:
+    """What `reid-stream` runs without a checkpoint (ImageNet trunks if cached, else the
+    calibrated seeded init): the baseline a trained checkpoint replaces."""
+    loaded = load_ensemble(None, input_size=input_size)
+    model = EnsembleModel(loaded.model.resnet, loaded.model.effnet).eval()
+    return EvalModel(model, loaded.preprocess, loaded.embedding_version, "ensemble")
+
+
 def model_for_config(cfg: Config) -> EvalModel:
     """The model as training would start it (pretrained file or seeded init): "before"."""
     model = build_model(cfg.model).eval()
@@ -204,13 +212,15 @@ def load_split(data: DataConfig, *, use_split: bool = True) -> Split:
         samples = read_folders(root)
     else:
         samples = read_csv(root / data.csv, root, data.camera_field)
-    samples = limit_identities(samples, data.max_identities, data.split_seed)
-    if use_split and data.test_identities > 0:
+    samples = limit_identities(samples, data.max_identities, data.split_seed, data.test_ids)
+    if not use_split:
+        train, test = [], samples
+    elif data.test_identities > 0 or data.test_ids:
         train, test = split_identities(
             samples, data.test_identities, data.split_seed, data.test_ids
         )
     else:
-        train, test = [], samples
+        train, test = samples, []  # train on everything, nothing held out
     split = query_gallery(test, data.query_mode, data.split_seed)
     split.train = train
     return split
@@ -431,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="evaluate the config's model as training starts it (the 'before')",
     )
+    p.add_argument(
+        "--stream-default",
+        action="store_true",
+        help="evaluate the stream's ensemble without a checkpoint (the baseline)",
+    )
+    p.add_argument("--input-size", type=int, help="with --stream-default")
     p.add_argument("--camera-field", default="auto", help="CSV: auto|camera|encounter|none")
     p.add_argument(
         "--exclude-same-camera",
@@ -453,7 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, parse_overrides(args.set)) if args.config else None
-        if args.untrained:
+        if args.stream_default:
+            em = stream_default(args.input_size)
+        elif args.untrained:
             if cfg is None:
                 p.error("--untrained needs --config")
             em = model_for_config(cfg)

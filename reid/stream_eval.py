@@ -172,7 +172,9 @@ def threshold_sweep(
     batch_size: int = 16,
 ) -> list[StreamResult]:
     if thresholds is None:
-        thresholds = np.round(np.arange(0.0, 1.0001, 0.05), 2).tolist()
+        # Finer near 1: a model whose cosines are compressed high still gets a usable choice.
+        grid = np.concatenate([np.arange(0.0, 0.9, 0.05), np.arange(0.9, 1.0001, 0.01)])
+        thresholds = np.round(grid, 2).tolist()
     return [evaluate_stream(resnet, effnet, identities, order, t, batch_size) for t in thresholds]
 
 

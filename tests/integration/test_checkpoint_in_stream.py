@@ -1,0 +1,104 @@
+"""A checkpoint written by `reid-train` is loaded as is by `reid-stream run` and assigns events."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+
+from reid.config import config_from_dict
+from reid.embedder import Embedder
+from reid.train import Trainer
+from sinks.migrate import migrate
+from streams.produce import detection_event
+from streams.stack import free_port
+from streams.topics import ensure_topics, read_topic
+from tests.conftest import ZEBRA_DIR
+from tests.integration.test_stream_end_to_end import (
+    PARTITIONS,
+    produce,
+    stream_consumer,
+    zebra_images,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = config_from_dict({
+        "name": "it-ens", "output_dir": str(out),
+        "data": {"root": str(ZEBRA_DIR), "test_identities": 0, "max_identities": 4,
+                 "input_size": 64},
+        "model": {"arch": "stream_ensemble"},
+        "train": {"epochs": 1, "p": 2, "k": 2, "batches_per_epoch": 1, "threads": 2,
+                  "progress": False},
+    })  # fmt: skip
+    trainer = Trainer(cfg)
+    return trainer.fit(), trainer.version
+
+
+def test_stream_assigns_with_the_trained_checkpoint(stack, database_url, unique,
+                                                    trained_checkpoint):  # fmt: skip
+    path, version = trained_checkpoint
+    assert version.startswith("trained-it-ens-")
+    migrate(database_url)
+    env = {
+        "REID_KAFKA_BOOTSTRAP_SERVERS": stack.info.kafka_bootstrap,
+        "REID_DATABASE_URL": database_url,
+        "REID_REDIS_URL": stack.info.redis_url,
+        "REID_TOPIC_DETECTIONS": f"detections-{unique}",
+        "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
+        "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
+        "REID_TOPIC_PARTITIONS": str(PARTITIONS),
+        "REID_GROUP_ID": f"reid-{unique}",
+        "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
+        "REID_SESSION_TIMEOUT_MS": "6000",
+        "REID_BATCH_MAX_SIZE": "4",
+        "REID_BATCH_MAX_WAIT_MS": "100",
+        "REID_WEIGHTS_PATH": str(path),
+        "REID_SHUTDOWN_TIMEOUT_S": "20",
+    }
+    env = {**os.environ, **env, "REID_METRICS_PORT": str(free_port())}
+    bootstrap = env["REID_KAFKA_BOOTSTRAP_SERVERS"]
+    ensure_topics({"bootstrap.servers": bootstrap},
+                  [env["REID_TOPIC_DETECTIONS"], env["REID_TOPIC_ASSIGNMENTS"],
+                   env["REID_TOPIC_DEAD_LETTERS"]], PARTITIONS)  # fmt: skip
+    images = zebra_images(individuals=2, per_individual=3)
+    values = []
+    for i, (_who, image) in enumerate(images):
+        event = detection_event(image.read_bytes(), f"cam-{i % 2}", detection_id=f"d-{i}")
+        values.append((event["camera_id"], json.dumps(event).encode()))
+    ends = produce(bootstrap, env["REID_TOPIC_DETECTIONS"], values)
+
+    with stream_consumer(env) as consumer:
+        got = read_topic({"bootstrap.servers": bootstrap}, env["REID_TOPIC_ASSIGNMENTS"],
+                         expected=len(values), timeout_s=240)  # fmt: skip
+        consumer.wait_committed(ends)
+    events = [json.loads(m.value()) for m in got]
+    assert len(events) == len(values), consumer.output[-3000:]
+    assert {e["embedding_version"] for e in events} == {version}
+    assert {e["detection_id"] for e in events} == {f"d-{i}" for i in range(len(values))}
+
+    # The stored vectors are the checkpoint's own embeddings of the same images (64 px).
+    with psycopg.connect(database_url) as conn:
+        rows = dict(conn.execute(
+            "SELECT detection_id, embedding_resnet::text FROM detections"
+        ).fetchall())  # fmt: skip
+    embedder = Embedder(weights_path=path, device="cpu")
+    embedder.start()
+    assert embedder.preprocess.input_size == (64, 64)
+    for i, (_who, image) in enumerate(images):
+        with Image.open(image) as img:
+            ours = embedder.embed(embedder.preprocess.to_uint8(img)[None]).resnet[0]
+        stored = np.asarray(json.loads(rows[f"d-{i}"]), dtype=np.float32)
+        assert float(ours @ stored) > 0.999
+    # And not those of the untrained (seeded) ensemble.
+    seeded = Embedder(device="cpu", input_size=64)
+    seeded.start()
+    with Image.open(images[0][1]) as img:
+        other = seeded.embed(seeded.preprocess.to_uint8(img)[None]).resnet[0]
+    assert float(other @ np.asarray(json.loads(rows["d-0"]), np.float32)) < 0.99
