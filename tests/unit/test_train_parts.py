@@ -150,7 +150,7 @@ def test_combined_loss_reports_each_weighted_part():
     feat = torch.randn(6, 8, requires_grad=True)
     total, parts = loss({"feat": feat, "bn": feat * 2}, torch.tensor([0, 0, 1, 1, 2, 2]))
     assert set(parts) == {"triplet", "softmax", "arcface", "center", "contrastive"}
-    assert float(total) == pytest.approx(sum(parts.values()), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(sum(parts.values()), rel=1e-5)
     total.backward()
     assert feat.grad is not None and feat.grad.abs().sum() > 0
 
