@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
+from confluent_kafka import Producer
 from PIL import Image
 
 from reid.config import config_from_dict
@@ -18,12 +26,46 @@ from streams.produce import detection_event
 from streams.stack import free_port
 from streams.topics import ensure_topics, read_topic
 from tests.conftest import ZEBRA_DIR
-from tests.integration.test_stream_end_to_end import (
-    PARTITIONS,
-    produce,
-    stream_consumer,
-    zebra_images,
-)
+
+PARTITIONS = 2
+
+
+def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
+    by_id: dict[str, list[Path]] = {}
+    with open(ZEBRA_DIR / "index.csv") as f:
+        for row in csv.DictReader(f):
+            by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
+    chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
+    return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
+
+
+def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for key, value in values:
+        producer.produce(topic, value, key=key)
+    assert producer.flush(30) == 0
+
+
+@contextlib.contextmanager
+def stream_process(env: dict[str, str]) -> Iterator[list[str]]:
+    """`reid-stream run` as a real process; SIGTERM on exit, which must end it with 0.
+    Yields a list that holds the process output once it has stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "run"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output: list[str] = []
+    try:
+        yield output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        output.append(out)
+    assert proc.returncode == 0, output[-1][-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +114,13 @@ def test_stream_assigns_with_the_trained_checkpoint(stack, database_url, unique,
     for i, (_who, image) in enumerate(images):
         event = detection_event(image.read_bytes(), f"cam-{i % 2}", detection_id=f"d-{i}")
         values.append((event["camera_id"], json.dumps(event).encode()))
-    ends = produce(bootstrap, env["REID_TOPIC_DETECTIONS"], values)
+    produce(bootstrap, env["REID_TOPIC_DETECTIONS"], values)
 
-    with stream_consumer(env) as consumer:
+    with stream_process(env) as output:
         got = read_topic({"bootstrap.servers": bootstrap}, env["REID_TOPIC_ASSIGNMENTS"],
                          expected=len(values), timeout_s=240)  # fmt: skip
-        consumer.wait_committed(ends)
     events = [json.loads(m.value()) for m in got]
-    assert len(events) == len(values), consumer.output[-3000:]
+    assert len(events) == len(values), output[-1][-3000:]
     assert {e["embedding_version"] for e in events} == {version}
     assert {e["detection_id"] for e in events} == {f"d-{i}" for i in range(len(values))}
 
