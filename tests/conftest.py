@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# RELIABILITY.md rows recorded by the fault and hostile-input tests (see the module).
+pytest_plugins = ("tests.faults.report",)
+
 ZEBRA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zebra"
 
 

@@ -26,4 +26,3 @@ def test_failed_connections_do_not_log_passwords(caplog):
     assert caplog.records, "the failures should have been logged"
     assert SECRET not in caplog.text
     assert SECRET not in str(store_error.value) and SECRET not in str(cache_error.value)
-

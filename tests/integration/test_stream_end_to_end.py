@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,18 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from PIL import Image
 
-from sinks.migrate import migrate
 from streams.produce import detection_event
-from streams.stack import free_port
 from streams.topics import ensure_topics, read_topic
 from tests.conftest import ZEBRA_DIR
 from tests.corpus import bad_events
-
-PARTITIONS = 2
+from tests.integration.conftest import PARTITIONS
 
 
 def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
@@ -37,30 +32,6 @@ def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]
             by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
     chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
     return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
-
-
-@pytest.fixture()
-def stream_env(stack, database_url, unique, tmp_path):
-    migrate(database_url)
-    env = {
-        **os.environ,
-        "REID_KAFKA_BOOTSTRAP_SERVERS": stack.info.kafka_bootstrap,
-        "REID_DATABASE_URL": database_url,
-        "REID_REDIS_URL": stack.info.redis_url,
-        "REID_TOPIC_DETECTIONS": f"detections-{unique}",
-        "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
-        "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
-        "REID_TOPIC_PARTITIONS": str(PARTITIONS),
-        "REID_GROUP_ID": f"reid-{unique}",
-        "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
-        "REID_SESSION_TIMEOUT_MS": "6000",
-        "REID_BATCH_MAX_SIZE": "8",
-        "REID_BATCH_MAX_WAIT_MS": "100",
-        "REID_METRICS_PORT": str(free_port()),
-        "REID_IMAGE_ROOTS": json.dumps([str(ZEBRA_DIR)]),
-        "REID_SHUTDOWN_TIMEOUT_S": "20",
-    }
-    return env
 
 
 def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> dict[int, int]:

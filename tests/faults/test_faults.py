@@ -1,0 +1,233 @@
+"""Faults against the delivery guarantees, one scenario per test, each with 1000 events through
+real `python -m streams.cli run` processes (see harness.py for the stream and the checks).
+
+Every test ends with the same checks (``FaultRun.finish``): each detection stored exactly
+once, an assignment event for each (repeats byte-identical), one deer per animal and one
+animal per deer, sightings adding up, no dead letters, the group's offsets committed to the
+end of every partition.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import psycopg
+
+from tests.faults.harness import (
+    ANIMALS,
+    EVENTS,
+    PARTITIONS,
+    SHUTDOWN_TIMEOUT_S,
+    FaultRun,
+    Stream,
+    cache_state,
+    make_stream,
+    wait_for,
+)
+
+SHUTDOWN_GRACE_S = 5.0  # a SIGTERMed worker exits within REID_SHUTDOWN_TIMEOUT_S + this
+# Several workers on 2 cores: one thread each, or they spend their time fighting for the CPU.
+ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "REID_DECODE_WORKERS": "1"}
+
+
+def produce(run: FaultRun) -> Stream:
+    stream = run.produce(make_stream())
+    assert len(stream.sightings) == EVENTS
+    assert sorted(stream.ends) == list(range(PARTITIONS)), f"partitions used: {stream.ends}"
+    return stream
+
+
+def at(fraction: float) -> int:
+    return int(fraction * EVENTS)
+
+
+def test_kill9(fault_run: FaultRun):
+    run = fault_run.describe(
+        "kill9", "consumer killed with SIGKILL at ~30%, a new consumer finishes"
+    )
+    produce(run)
+    a = run.start_worker("a")
+    # Right after a batch's database commit: its output and offsets are most likely not sent.
+    rows = run.wait_rows(at(0.3), interval=0.002)
+    a.kill9()
+    run.mark("a SIGKILLed")
+    run.note(f"SIGKILL at {rows} rows")
+    run.start_worker("b")
+    run.wait_done()
+    verdict = run.finish()
+    run.note(
+        f"b found {redelivered(run)} events already stored; "
+        f"{verdict.figures['repeated_events']} assignment events repeated"
+    )
+    verdict.check()
+
+
+def test_postgres_outage(fault_run: FaultRun):
+    run = fault_run.describe(
+        "postgres_outage", "PostgreSQL stopped for 10 s mid-stream; the same consumer finishes"
+    )
+    produce(run)
+    a = run.start_worker("a")
+    rows = run.wait_rows(at(0.3))
+    with run.service_down("postgres"):
+        time.sleep(10)
+    assert a.alive(), f"the consumer died during the PostgreSQL outage\n{a.tail()}"
+    run.wait_done()
+    errors = a.metrics()["reid_store_errors_total"]
+    run.note(f"stopped at {rows} rows; reid_store_errors_total={errors:.0f}")
+    assert errors > 0, "the outage was not noticed: reid_store_errors_total is 0"
+    run.finish().check()
+
+
+def test_redis_outage(fault_run: FaultRun):
+    run = fault_run.describe(
+        "redis_outage", "Redis stopped mid-stream and started again; the consumer finishes"
+    )
+    produce(run)
+    a = run.start_worker("a")
+    rows = run.wait_rows(at(0.3))
+    with run.service_down("redis"):
+        # Enough batches while Redis is down: each must fall back to PostgreSQL.
+        during = run.wait_rows(rows + at(0.15), timeout=90) - rows
+    run.wait_done()
+    errors = a.metrics()["reid_cache_errors_total"]
+    run.note(f"Redis down from {rows} rows for {during} rows; reid_cache_errors_total={errors:.0f}")
+    assert errors > 0, "the outage was not noticed: reid_cache_errors_total is 0"
+    verdict = run.finish()
+    # Postgres is the truth and Redis came back empty: the cache must hold every deer again,
+    # with the committed sightings.
+    cache = cache_state(run.redis_url, run.cache_prefix, run.database_url)
+    run.note(f"cache after: {cache['deer_keys']} deer keys for {cache['deer_in_db']} deer")
+    verdict.check()
+    assert cache["deer_keys"] > 0, f"cache not repopulated after Redis returned: {cache}"
+    assert not cache["cold_versions"], f"cache left cold: {cache}"
+    assert cache["missing"] == cache["stale"] == 0, f"cache disagrees with PostgreSQL: {cache}"
+
+
+def test_redis_frozen(fault_run: FaultRun):
+    run = fault_run.describe(
+        "redis_frozen",
+        "Redis hung (SIGSTOP) from ~80% to ~90%, keeping its data; the consumer finishes",
+    )
+    produce(run)
+    a = run.start_worker("a")
+    # Late in the stream, where many deer are seen for the last time: the cache writes lost
+    # while Redis hangs leave entries that stay stale unless the consumer drops them once
+    # Redis answers again (the batches after ~90% must do that).
+    rows = run.wait_rows(at(0.8))
+    with run.service_frozen("redis"):
+        during = run.wait_rows(at(0.9), timeout=90) - rows
+    run.wait_done()
+    errors = a.metrics()["reid_cache_errors_total"]
+    verdict = run.finish()
+    cache = cache_state(run.redis_url, run.cache_prefix, run.database_url)
+    run.note(
+        f"frozen from {rows} rows for {during} rows; reid_cache_errors_total={errors:.0f}; "
+        f"cache after: {cache['deer_keys']} deer keys for {cache['deer_in_db']} deer, "
+        f"{cache['stale']} stale, {cache['missing']} missing"
+    )
+    verdict.check()
+    assert errors > 0, "the hang was not noticed: reid_cache_errors_total is 0"
+    assert cache["missing"] == cache["stale"] == 0, f"cache disagrees with PostgreSQL: {cache}"
+
+
+def test_rebalance(fault_run: FaultRun):
+    run = fault_run.describe(
+        "rebalance",
+        "two consumers; a third joins at ~25%, one of the first two leaves (SIGTERM) at ~50%",
+    )
+    stream = make_stream()
+    burst, rest = stream.sightings[: at(0.2)], stream.sightings[at(0.2) :]
+    a = run.start_worker("a", env=ONE_CORE)
+    b = run.start_worker("b", env=ONE_CORE)
+    # A burst first: a and b race to create the deer of the many animals it shows first,
+    # each animal's sightings on several partitions.
+    run.produce(stream, burst)
+    run.wait_rows(at(0.1))
+    c = run.start_worker("c", env=ONE_CORE)  # it takes ~10 s to load the model and join
+    run.wait_rows(len(burst))
+    # A trickle while c joins, so that a and b are processing when the group rebalances.
+    feeder = run.feed(stream, rest, rate=5.0)
+    wait_for(lambda: assigned(c.log()), 90, "worker c to be assigned partitions",
+             run.diagnostics, alive=[c])  # fmt: skip
+    joined_at = run.rows()
+    run.mark("c assigned partitions")
+    fed = feeder.stop()
+    run.produce(stream, rest[fed:])  # then the rest at once
+    run.check_produced()
+    spread = stream.animals_on_several_partitions()
+    assert spread >= 0.9 * ANIMALS, f"only {spread} animals on several partitions"
+    left_at = run.wait_rows(at(0.5))
+    seconds = run.terminate(a)
+    run.wait_done()
+    verdict = run.finish()
+    run.note(
+        f"c got partitions at {joined_at} rows, a left at {left_at} rows ({seconds:.1f}s); "
+        f"assignment rounds: a {len(assignments(a.log()))}, b {len(assignments(b.log()))}, "
+        f"c {len(assignments(c.log()))}; new deer re-planned against other workers' deer "
+        f"{replans(run)} times; {redelivered(run)} events found already stored; "
+        f"{verdict.figures['repeated_events']} assignment events repeated"
+    )
+    verdict.check()
+
+
+def test_sigterm_mid_batch(fault_run: FaultRun):
+    run = fault_run.describe(
+        "sigterm_mid_batch",
+        "SIGTERM while a batch is processed (~30%); exit 0 in time, a new consumer finishes",
+    )
+    produce(run)
+    a = run.start_worker("a")
+    # A batch was just committed to the database; 0.1 s later the next one is being
+    # decoded and embedded (a batch of 32 takes ~0.3 s here, longer under load).
+    rows = run.wait_rows(at(0.3), interval=0.002)
+    time.sleep(0.1)
+    seconds = run.terminate(a, timeout=SHUTDOWN_TIMEOUT_S + SHUTDOWN_GRACE_S)
+    log = a.log()
+    signalled = log.find("SIGTERM received")
+    assert signalled >= 0, f"no SIGTERM line in the log\n{a.tail()}"
+    batches_after = re.findall(r"batch \d+: messages=", log[signalled:])
+    # A clean stop finishes and commits the batch in hand: nothing stored stays uncommitted.
+    uncommitted = stored_beyond_commit(run)
+    run.note(
+        f"SIGTERM at {rows} rows, exit 0 after {seconds:.1f}s, {len(batches_after)} batch "
+        f"finished after the signal; stored but uncommitted at exit: {uncommitted}"
+    )
+    assert batches_after, f"no batch finished after SIGTERM (the test's timing)\n{a.tail()}"
+    assert uncommitted == 0, "the batch in hand was stored but its offsets not committed"
+    run.start_worker("b")
+    run.wait_done()
+    verdict = run.finish()
+    run.note(
+        f"b found {redelivered(run)} events already stored; "
+        f"{verdict.figures['repeated_events']} assignment events repeated"
+    )
+    verdict.check()
+
+
+# -- helpers ------------------------------------------------------------------------------
+def assigned(log: str) -> bool:
+    """Whether a worker's log shows it was given at least one partition."""
+    return any(line.rsplit(" ", 1)[-1] != "-" for line in re.findall(r"consumer: assigned .*", log))
+
+
+def assignments(log: str) -> list[str]:
+    return re.findall(r"consumer: assigned .*", log)
+
+
+def replans(run: FaultRun) -> int:
+    return sum(w.log().count("re-planned against") for w in run.workers)
+
+
+def redelivered(run: FaultRun) -> int:
+    """Events the workers found already stored (redelivered), from their batch log lines."""
+    return sum(int(n) for w in run.workers for n in re.findall(r" redelivered=(\d+)", w.log()))
+
+
+def stored_beyond_commit(run: FaultRun) -> int:
+    """Stored detections whose input offset is not covered by the group's committed offset."""
+    committed = run.committed()  # a partition never committed reads as a negative offset
+    with psycopg.connect(run.database_url) as conn:
+        rows = conn.execute("SELECT source_partition, source_offset FROM detections").fetchall()
+    return sum(1 for partition, offset in rows if offset >= committed.get(partition, -1))
