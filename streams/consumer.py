@@ -39,6 +39,9 @@ class StreamConsumer:
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
+        # Offsets of written batches whose commit failed while we kept the partition (e.g.
+        # ILLEGAL_GENERATION during a cooperative rebalance): committed on the next pass.
+        self._uncommitted: dict[tuple[str, int], int] = {}
         self.lag = LagSampler(metrics, settings.lag_interval_s)
 
     def start(self) -> None:
@@ -74,6 +77,8 @@ class StreamConsumer:
             self.lag.maybe_sample(self._consumer)
             messages = self._window()
             if not messages:
+                if self._uncommitted:
+                    self._commit(())
                 continue
             outcome = self._process_with_retry(messages)
             if outcome is None:
@@ -138,25 +143,29 @@ class StreamConsumer:
             self._consumer.resume(self._consumer.assignment())
 
     def _commit(self, messages: Sequence[SourceMessage]) -> None:
+        """Commit the ends of ``messages`` plus any earlier ends whose commit failed."""
         assert self._consumer is not None
         t0 = time.perf_counter()
-        ends: dict[tuple[str, int], int] = {}
+        ends = self._uncommitted
         for m in messages:
             key = (m.topic, m.partition)
             ends[key] = max(ends.get(key, -1), m.offset + 1)
         # Partitions that moved to another member are left to it: it redoes their events
         # idempotently, and committing here could move its offsets backwards.
         owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(ends.items()) if (t, p) in owned]
+        for key in [k for k in ends if k not in owned]:
+            del ends[key]
+        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(ends.items())]
         if not offsets:
             return
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as err:
-            # The partitions moved to another member; it will see these events again and,
-            # because writes are idempotent on detection_id, republish the same assignments.
-            log.warning("consumer: commit failed, the batch will be redelivered: %s", err)
+            # Kept for the next pass: a partition still ours gets its offsets committed then;
+            # one that moved is dropped above, and its new owner redoes the events idempotently.
+            log.warning("consumer: commit failed, retrying on the next pass: %s", err)
             return
+        ends.clear()
         self.metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - t0)
         self.metrics.committed()
         self.lag.committed(offsets)
@@ -175,6 +184,8 @@ class StreamConsumer:
         # Callbacks run inside consume()/poll(): between batches, or while a batch waits out
         # an outage, in which case the retry loop sees the revocation and abandons it.
         self._revoked.update((p.topic, p.partition) for p in partitions)
+        for p in partitions:
+            self._uncommitted.pop((p.topic, p.partition), None)
         log.info("consumer: revoked %s", _names(partitions))
 
 
