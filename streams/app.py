@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
@@ -25,6 +26,17 @@ log = logging.getLogger(__name__)
 BACKBONES = "multiscale-resnet50+efficientnet-b0"
 
 
+def build_embedder(settings: Settings, weights_path: Path | None = None) -> Embedder:
+    """The embedder the settings describe (not started); ``weights_path`` overrides theirs."""
+    return Embedder(
+        weights_path=weights_path if weights_path is not None else settings.weights_path,
+        seed=settings.seed,
+        input_size=settings.input_size,
+        device=settings.device,
+        precision=settings.precision,
+    )
+
+
 class StreamApp:
     """The consumer process: model, store, cache, publisher, metrics and the Kafka loop."""
 
@@ -32,13 +44,7 @@ class StreamApp:
         self.settings = settings
         self.serve_metrics = serve_metrics
         self.metrics = StreamMetrics()
-        self.embedder = Embedder(
-            weights_path=settings.weights_path,
-            seed=settings.seed,
-            input_size=settings.input_size,
-            device=settings.device,
-            precision=settings.precision,
-        )
+        self.embedder = build_embedder(settings)
         self.store = PgStore(settings.database_url.get_secret_value())
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self.cache = (
