@@ -97,7 +97,9 @@ def ensemble_scores(
     """(s, s_resnet, s_effnet), each float32 [N, D]; inputs must be L2-normalised rows."""
     s_resnet = np.asarray(resnet, dtype=np.float32) @ np.asarray(gallery_resnet, np.float32).T
     s_effnet = np.asarray(effnet, dtype=np.float32) @ np.asarray(gallery_effnet, np.float32).T
-    s = np.float32(w_resnet) * s_resnet + np.float32(w_effnet) * s_effnet
+    # In place: the same float32 values as `w_r * s_r + w_e * s_e`, one [N, D] temporary less.
+    s = np.multiply(s_resnet, np.float32(w_resnet))
+    s += np.float32(w_effnet) * s_effnet
     return s, s_resnet, s_effnet
 
 
@@ -125,20 +127,6 @@ class BatchAssignment:
     new_deer: list[NewDeer]
 
 
-@dataclass
-class _Centroid:
-    """A centroid as updated by earlier detections of the current batch."""
-
-    resnet: np.ndarray
-    effnet: np.ndarray
-    count: int
-
-    def add(self, r: np.ndarray, e: np.ndarray) -> None:
-        self.resnet = merge_centroid(self.resnet, self.count, r)
-        self.effnet = merge_centroid(self.effnet, self.count, e)
-        self.count += 1
-
-
 def assign_batch(
     resnet: np.ndarray,
     effnet: np.ndarray,
@@ -153,22 +141,37 @@ def assign_batch(
     Detection i sees every gallery deer and every deer created by detections < i, with
     centroids as updated by those earlier detections. Ties go to the lowest index (gallery
     order, then creation order, gallery before new deer).
+
+    Cost: one [N, D] matmul per backbone against the gallery as it was before the batch; per
+    row, an argmax over that score row (only when its best column was moved by an earlier
+    row) and a small matmul against the few centroids the batch moved or created. The
+    gallery's matrices are only read, never copied.
     """
     resnet = np.asarray(resnet, dtype=np.float32)
     effnet = np.asarray(effnet, dtype=np.float32)
     _check_batch(resnet, effnet, gallery)
     n, d = len(resnet), len(gallery)
+    dim_r, dim_e = resnet.shape[1], effnet.shape[1]
+    neg_inf = np.float32(-np.inf)
 
     # The expensive part, against the gallery as it was before this batch: one matmul each.
+    # `s_all` is ours: a column's scores are set to -inf once a row moved that deer, so an
+    # argmax over a row is the best *unmoved* deer, without copying the row.
     if d:
         s_all, sr_all, se_all = ensemble_scores(
             resnet, effnet, gallery.resnet, gallery.effnet, w_resnet, w_effnet
         )
-    # Gallery deer already matched in this batch, whose columns must be rescored per row.
+        best_unmoved = np.argmax(s_all, axis=1)
+    # Centroids moved in this batch, in small buffers rescored per row: gallery deer matched
+    # earlier ("touched", by column) and deer created earlier (by creation order).
+    touched_r = np.empty((n, dim_r), np.float32)
+    touched_e = np.empty((n, dim_e), np.float32)
+    touched_count: list[int] = []
     touched_cols: list[int] = []
-    touched: list[_Centroid] = []
     touched_pos: dict[int, int] = {}
-    created: list[_Centroid] = []
+    created_r = np.empty((n, dim_r), np.float32)
+    created_e = np.empty((n, dim_e), np.float32)
+    created_count: list[int] = []
     first_detection: list[int] = []
     matches: list[Match] = []
 
@@ -180,19 +183,28 @@ def assign_batch(
 
         if d:
             row = s_all[i]
-            if touched:
-                t_s, t_sr, t_se = _score_centroids(r, e, touched, w_resnet, w_effnet)
-                row = row.copy()
-                row[touched_cols] = t_s
-            best_col = int(np.argmax(row))
-            k = touched_pos.get(best_col)
-            if k is None:
-                best = _Score(s_all[i, best_col], sr_all[i, best_col], se_all[i, best_col])
-            else:
-                best = _Score(t_s[k], t_sr[k], t_se[k])
+            col = int(best_unmoved[i])
+            if col in touched_pos:  # moved since the argmax: look again, past the -inf columns
+                col = int(np.argmax(row))
+            if row[col] != neg_inf:  # -inf: every gallery deer was moved by this batch
+                best = _Score(row[col], sr_all[i, col], se_all[i, col])
+                best_col = col
+            if touched_cols:
+                t = len(touched_cols)
+                t_s, t_sr, t_se = _score_rows(
+                    r, e, touched_r[:t], touched_e[:t], w_resnet, w_effnet
+                )
+                top = t_s.max()
+                # The lowest column among equal scores, as an argmax over the whole row would.
+                k = min((k for k in range(t) if t_s[k] == top), key=touched_cols.__getitem__)
+                col = touched_cols[k]
+                if best is None or (t_s[k], -col) > (best.s, -(best_col or 0)):
+                    best = _Score(t_s[k], t_sr[k], t_se[k])
+                    best_col = col
 
-        if created:
-            c_s, c_sr, c_se = _score_centroids(r, e, created, w_resnet, w_effnet)
+        if created_count:
+            c = len(created_count)
+            c_s, c_sr, c_se = _score_rows(r, e, created_r[:c], created_e[:c], w_resnet, w_effnet)
             k = int(np.argmax(c_s))
             # Strictly greater: on a tie the gallery deer (lower index) keeps it.
             if best is None or c_s[k] > best.s:
@@ -201,39 +213,53 @@ def assign_batch(
 
         if best is not None and best.s >= threshold:
             if best_new is not None:
-                created[best_new].add(r, e)
+                _add(created_r, created_e, created_count, best_new, r, e)
                 matches.append(best.match(deer_id=None, new_deer=best_new, is_new_deer=False))
                 continue
             assert best_col is not None
-            if best_col not in touched_pos:
-                touched_pos[best_col] = len(touched)
+            k = touched_pos.get(best_col)
+            if k is None:
+                k = touched_pos[best_col] = len(touched_cols)
                 touched_cols.append(best_col)
-                touched.append(
-                    _Centroid(
-                        gallery.resnet[best_col],
-                        gallery.effnet[best_col],
-                        int(gallery.sightings[best_col]),
-                    )
-                )
-            touched[touched_pos[best_col]].add(r, e)
+                touched_r[k] = gallery.resnet[best_col]
+                touched_e[k] = gallery.effnet[best_col]
+                touched_count.append(int(gallery.sightings[best_col]))
+                s_all[:, best_col] = neg_inf  # its score from now on comes from touched_*
+            _add(touched_r, touched_e, touched_count, k, r, e)
             deer_id = int(gallery.deer_ids[best_col])
             matches.append(best.match(deer_id=deer_id, new_deer=None, is_new_deer=False))
             continue
 
         # A new deer; its centroids start as its own vectors.
-        created.append(_Centroid(r.copy(), e.copy(), 1))
+        new_index = len(created_count)
+        created_r[new_index] = r
+        created_e[new_index] = e
+        created_count.append(1)
         first_detection.append(i)
-        new_index = len(created) - 1
         if best is None:
             matches.append(Match(None, new_index, True, None, None, None))
         else:
             matches.append(best.match(deer_id=None, new_deer=new_index, is_new_deer=True))
 
     new_deer = [
-        NewDeer(resnet=c.resnet, effnet=c.effnet, sightings=c.count, first_detection=f)
-        for c, f in zip(created, first_detection, strict=True)
+        NewDeer(
+            resnet=created_r[k].copy(),
+            effnet=created_e[k].copy(),
+            sightings=created_count[k],
+            first_detection=f,
+        )
+        for k, f in enumerate(first_detection)
     ]
     return BatchAssignment(matches=matches, new_deer=new_deer)
+
+
+def _add(
+    buf_r: np.ndarray, buf_e: np.ndarray, counts: list[int], k: int, r: np.ndarray, e: np.ndarray
+) -> None:
+    """Merge one detection into centroid ``k`` of a batch buffer (running mean, normalised)."""
+    buf_r[k] = merge_centroid(buf_r[k], counts[k], r)
+    buf_e[k] = merge_centroid(buf_e[k], counts[k], e)
+    counts[k] += 1
 
 
 class _Score:
@@ -255,17 +281,15 @@ class _Score:
         )
 
 
-def _score_centroids(
-    r: np.ndarray, e: np.ndarray, centroids: list[_Centroid], w_resnet: float, w_effnet: float
+def _score_rows(
+    r: np.ndarray,
+    e: np.ndarray,
+    cent_r: np.ndarray,
+    cent_e: np.ndarray,
+    w_resnet: float,
+    w_effnet: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    s, sr, se = ensemble_scores(
-        r[None, :],
-        e[None, :],
-        np.stack([c.resnet for c in centroids]),
-        np.stack([c.effnet for c in centroids]),
-        w_resnet,
-        w_effnet,
-    )
+    s, sr, se = ensemble_scores(r[None, :], e[None, :], cent_r, cent_e, w_resnet, w_effnet)
     return s[0], sr[0], se[0]
 
 

@@ -88,6 +88,22 @@ def crop(image: Image.Image, bbox: Sequence[float] | None) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
+def crop_box(bbox: Sequence[float] | None, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The whole-pixel (left, top, right, bottom) that `crop` cuts from an image of ``size``
+    (W, H), for decoders that crop tensors (reid.gpu_decode); same rounding, same errors."""
+    width, height = size
+    if bbox is None:
+        return 0, 0, width, height
+    x1, y1, x2, y2 = _validate_bbox(bbox, size)
+    left = min(max(math.floor(x1 + 0.5), 0), width)
+    top = min(max(math.floor(y1 + 0.5), 0), height)
+    right = min(max(math.floor(x2 + 0.5), 0), width)
+    bottom = min(max(math.floor(y2 + 0.5), 0), height)
+    if right <= left or bottom <= top:
+        raise ImageError("bbox_invalid", f"bbox {list(bbox)} covers less than one pixel")
+    return left, top, right, bottom
+
+
 def _validate_bbox(bbox: Sequence[float], size: tuple[int, int]) -> tuple[float, ...]:
     if isinstance(bbox, str | bytes) or not isinstance(bbox, Sequence) or len(bbox) != 4:
         raise ImageError("bbox_invalid", f"bbox must be 4 numbers [x1, y1, x2, y2], got {bbox!r}")

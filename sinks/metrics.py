@@ -185,3 +185,44 @@ class StreamMetrics:
     def render(self) -> bytes:
         """The exposition text, as a scrape would see it."""
         return generate_latest(self.registry)
+
+
+REPLAY_RESULTS = (
+    "stored",  # re-embedded and stored under the replayed version
+    "already_stored",  # had a vector of that version already (a second run, or the live one)
+    "not_stored",  # in the topic but not in the database (dead-lettered, or not processed yet)
+    "invalid",  # failed parsing (it was dead-lettered by the live consumer)
+    "conflict",  # a detection_id stored from other content (a dead-lettered duplicate)
+    "undecodable",  # its image could not be read or decoded now
+)
+REPLAY_STAGES = ("decode", "embed", "persist", "commit")
+
+
+class ReplayMetrics(StreamMetrics):
+    """The stream's metrics plus those of ``reid-stream replay`` (``reid_replay_*``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.replay_events = Counter(
+            "reid_replay_events", "Detection events read by a replay, by result.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.replay_batches = Counter("reid_replay_batches", "Replay batches stored.", registry=r)
+        self.replay_stage_seconds = Histogram(
+            "reid_replay_stage_duration_seconds", "Wall time of one replay batch stage.",
+            ["stage"], buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.replay_remaining = Gauge(
+            "reid_replay_remaining_events",
+            "Events between the replay's position and its end (the live group's committed "
+            "offsets, else the partition ends).",
+            registry=r,
+        )
+        self.replay_rate = Gauge(
+            "reid_replay_events_per_second", "Replay rate over the run so far.", registry=r
+        )
+        for result in REPLAY_RESULTS:
+            self.replay_events.labels(result=result)
+        for stage in REPLAY_STAGES:
+            self.replay_stage_seconds.labels(stage=stage)

@@ -1,9 +1,9 @@
 """Apply the SQL migrations shipped in ``sinks/migrations`` (``NNNN_name.sql``), in order.
 
 Each file runs in its own transaction together with its row in ``schema_migrations``, so a
-failed file leaves nothing half-applied. Every transaction first takes a fixed advisory lock:
-two workers starting at once then apply each file exactly once, the second one waiting and
-finding it recorded.
+failed file leaves nothing half-applied. A run holds a fixed advisory lock from start to end
+(and every transaction takes it too): two workers starting at once then apply each file
+exactly once, the second one waiting and finding them all recorded.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def migrate(dsn: str) -> list[str]:
     """Apply the migrations this database lacks; returns their versions (empty: up to date)."""
     applied: list[str] = []
     with psycopg.connect(dsn, autocommit=True, application_name="reid-migrate") as conn:
+        # Held for the whole run as well: with per-file locks only, a second process could
+        # take the lock between two files and apply the later one itself.
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         for version, sql in available():
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))

@@ -19,6 +19,7 @@ from streams.health import HealthChecker
 from streams.processor import BatchProcessor
 from streams.settings import Settings
 from streams.topics import ensure_topics
+from streams.versions import VersionSwitch, check_embedder, embedder_for, version_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,32 @@ def build_embedder(settings: Settings, weights_path: Path | None = None) -> Embe
         input_size=settings.input_size,
         device=settings.device,
         precision=settings.precision,
+        backend=settings.backend,
+        onnx_cache_dir=settings.onnx_cache_dir,
+        max_batch=settings.batch_max_size,
+        pad_batches={"auto": None, "on": True, "off": False}[settings.pad_batches],
+        torch_compile=settings.torch_compile,
     )
 
 
 class StreamApp:
     """The consumer process: model, store, cache, publisher, metrics and the Kafka loop."""
 
-    def __init__(self, settings: Settings, *, serve_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        serve_metrics: bool = True,
+        runner: str = "confluent",
+        embedder: Embedder | None = None,
+    ) -> None:
         self.settings = settings
         self.serve_metrics = serve_metrics
         self.metrics = StreamMetrics()
-        self.embedder = build_embedder(settings)
+        # A given embedder is shared (the benchmark runs several apps on one loaded model):
+        # the app starts it if needed but leaves it running when it stops.
+        self._owns_embedder = embedder is None
+        self.embedder = embedder if embedder is not None else build_embedder(settings)
         self.store = PgStore(settings.database_url.get_secret_value())
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self.cache = (
@@ -55,15 +71,31 @@ class StreamApp:
             settings,
             self.embedder,
             self.store,
-            GalleryLoader(self.store, self.cache, self.metrics),
+            GalleryLoader(
+                self.store,
+                self.cache,
+                self.metrics,
+                refresh_s=settings.gallery_refresh_s,
+                refresh_margin_s=settings.gallery_refresh_margin_s,
+                reload_s=settings.gallery_reload_s,
+            ),
             self.publisher,
             self.metrics,
         )
-        self.consumer = StreamConsumer(settings, self.processor, self.metrics)
+        if runner == "faust":  # same contract as StreamConsumer; needs the `faust` extra
+            from streams.faust_runner import FaustRunner
+
+            self.consumer = FaustRunner(settings, self.processor, self.metrics)
+        elif runner == "confluent":
+            self.consumer = StreamConsumer(settings, self.processor, self.metrics)
+        else:
+            raise ValueError(f"unknown runner {runner!r} (confluent or faust)")
         self.health = self._health_checker()
         self.metrics.gpu_memory_from(_gpu_memory_reader(self.embedder.device))
         self.metrics_port: int | None = None
         self._consuming = False
+        self.versions: VersionSwitch | None = None  # set by start()
+        self._retired: Embedder | None = None  # the embedder swapped out last (stopped later)
 
     def _health_checker(self) -> HealthChecker:
         s = self.settings
@@ -108,17 +140,9 @@ class StreamApp:
             [s.topic_detections, s.topic_assignments, s.topic_dead_letters],
             s.topic_partitions,
         )
-        self.embedder.start()
-        self.metrics.embedding_info.info(
-            {
-                "backbones": BACKBONES,
-                "embedding_version": self.embedder.embedding_version,
-                "weights_source": self.embedder.source,
-                "device": self.embedder.device,
-                "precision": self.embedder.precision,
-            }
-        )
         self.store.start()
+        self._start_active_version()  # starts the embedder
+        self._model_info()
         # From the start, not only after the first batch: the dashboard shows it at once.
         self.metrics.known_deer.set(self.store.deer_count(self.embedder.embedding_version))
         if self.cache is not None:
@@ -138,7 +162,9 @@ class StreamApp:
         steps = [self.consumer.stop, self.health.stop, self.processor.stop, self.publisher.stop]
         if self.cache is not None:
             steps.append(self.cache.stop)
-        steps += [self.store.stop, self._probe_store.stop, self.embedder.stop]
+        steps += [self._stop_versions, self.store.stop, self._probe_store.stop]
+        if self._owns_embedder:
+            steps.append(self.embedder.stop)
         if self.serve_metrics:
             steps.append(self.metrics.shutdown)
         for step in steps:
@@ -147,6 +173,92 @@ class StreamApp:
             except Exception:
                 log.exception("app: error while stopping")
         log.info("app: stopped")
+
+
+    # -- embedding versions (streams.versions) ----------------------------------------------
+    def _start_active_version(self) -> None:
+        """Start the embedder of the registry's active version (built from its registered
+        weights), or else the configured one, registering it as active."""
+        s = self.settings
+        active = self.store.active_version()
+        if active is not None and self._owns_embedder:
+            if s.weights_path is not None and str(Path(s.weights_path).resolve()) != (
+                active.weights_path or ""
+            ):
+                log.warning("app: REID_WEIGHTS_PATH is %s but the active embedding version is "
+                            "%s (%s); running the active version (reid-stream activate "
+                            "switches)", s.weights_path, active.version,
+                            active.weights_path or "fallback weights")  # fmt: skip
+            self.embedder = embedder_for(s, active)
+            self.processor.embedder = self.embedder
+        self.embedder.start()
+        if active is not None and self._owns_embedder:
+            check_embedder(self.embedder, active)
+        else:
+            info = self.store.register_version(
+                version_spec(s, self.embedder, s.weights_path), activate_if_none=True
+            )
+            if info.state != "active":
+                log.warning("app: embedding version %s is not the active one; switching to "
+                            "the active one at the first batch boundary", info.version)  # fmt: skip
+        # Its own connection: the batch path's one may be inside a transaction in another
+        # thread (the pipelined finish stage) when the runner polls.
+        poll_store = PgStore(s.database_url.get_secret_value())
+        poll_store.start()
+        self.versions = VersionSwitch(s, poll_store, self.metrics, self.embedder.embedding_version)
+
+    def _model_info(self) -> None:
+        self.metrics.embedding_info.info(
+            {
+                "backbones": BACKBONES,
+                "embedding_version": self.embedder.embedding_version,
+                "weights_source": self.embedder.source,
+                "device": self.embedder.device,
+                "precision": self.embedder.precision,
+            }
+        )
+
+    def between_batches(self) -> str | None:
+        """Switch to a newly activated embedding version; returns it when switched, else None.
+
+        The runner calls this from its loop between batches (also when a window was empty),
+        in the thread that hands batches to the processor. It is cheap: a clock check, and
+        every REID_VERSION_POLL_S one read of the registry. When ``reid-stream activate``
+        changed the version, the new embedder is built and the Redis cache warmed in a
+        background thread; a later call swaps ``processor.embedder``, so the next batch
+        embedded is embedded, matched and written under the new version. The swapped-out
+        embedder is stopped at the next switch or at stop(), so a batch already embedded
+        with it can still finish.
+        """
+        if self.versions is None:
+            return None
+        new = self.versions.poll()
+        if new is None:
+            return None
+        old = self.processor.embedder
+        self.processor.embedder = new
+        self.embedder = new
+        forget = getattr(self.processor.gallery, "forget", None)
+        if callable(forget):  # an in-memory gallery drops the old version's matrix
+            forget(old.embedding_version)
+        if self._retired is not None:
+            self._retired.stop()
+        self._retired = old if self._owns_embedder else None
+        self._owns_embedder = True
+        self._model_info()
+        self.metrics.known_deer.set(self.versions.store.deer_count(new.embedding_version))
+        log.info("app: switched embedding version %s -> %s",
+                 old.embedding_version, new.embedding_version)  # fmt: skip
+        return new.embedding_version
+
+    def _stop_versions(self) -> None:
+        versions, self.versions = self.versions, None
+        if versions is not None:
+            versions.stop()
+            versions.store.stop()
+        retired, self._retired = self._retired, None
+        if retired is not None:
+            retired.stop()
 
 
 def _gpu_memory_reader(device: str) -> Callable[[], float]:

@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streams.app import StreamApp
 
     settings = _settings(args)
-    app = StreamApp(settings)
+    app = StreamApp(settings, runner=args.runner)
 
     def on_signal(signum: int, _frame: object) -> None:
         if app.consumer.stopping:
@@ -121,6 +121,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["unaccounted"] == 0 else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import format_tables, plan_from, run_bench
+
+    plan = plan_from(args)
+    sections = tuple(args.sections.split(",")) if args.sections else None
+    report = run_bench(
+        plan, use_env=args.use_env, images=args.images, settings_file=args.settings,
+        sections=sections,
+    )  # fmt: skip
+    args.json.write_text(report.to_json())
+    print(format_tables(report))
+    print(f"figures written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid-stream", description=__doc__)
     parser.add_argument(
@@ -141,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("run", help="consume detections and publish assignments until SIGTERM")
+    p.add_argument(
+        "--runner", choices=["confluent", "faust"], default="confluent",
+        help="Kafka client driving the batches: confluent-kafka, or a faust-streaming agent "
+        "(needs the `faust` extra; see README 'Runners')",
+    )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("produce", help="camera simulator: one detection event per image")
@@ -148,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=int, default=4, help="number of simulated cameras")
     p.add_argument("--limit", type=int, default=None, help="stop after N events (cycles images)")
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("bench", help="model, stream, matching and latency benchmark (a table)")
+    from streams.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="stack up, migrate, produce, consume, summarise, stack down")
     p.add_argument("--images", type=Path, default=None, help="photos (default: generated)")

@@ -13,16 +13,25 @@ from sinks.metrics import StreamMetrics
 from sinks.publisher import PublishError
 from sinks.store import StoreUnavailable
 from streams.lag import LagSampler
-from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
+from streams.pipeline import Completed, Pipeline, rewind_offsets
+from streams.processor import BatchOutcome, BatchProcessor, PreparedBatch, SourceMessage
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# A revocation waits this long at most for the batches in flight before giving them up.
+REVOKE_DRAIN_S = 30.0
 
 
 class StreamConsumer:
-    """Owns the Kafka consumer; offsets are committed only after a batch was fully handled."""
+    """Owns the Kafka consumer and feeds the batch pipeline; offsets are committed, in order,
+    only after a batch was fully handled.
+
+    One thread (the caller of ``run``) does everything with the Kafka client: windowing,
+    commits, rebalance callbacks, pause/resume. The stages of the batches in flight run in the
+    pipeline's threads (``streams.pipeline``).
+    """
 
     def __init__(
         self,
@@ -31,6 +40,7 @@ class StreamConsumer:
         metrics: StreamMetrics,
         *,
         group_id: str | None = None,
+        pipeline_depth: int | None = None,
     ) -> None:
         self.settings = settings
         self.processor = processor
@@ -38,11 +48,18 @@ class StreamConsumer:
         self.group_id = group_id or settings.group_id
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
+        # Partitions revoked since they were last assigned: a batch of theirs stuck on an
+        # outage is abandoned (their new owner redoes it).
         self._revoked: set[tuple[str, int]] = set()
         # Offsets of written batches whose commit failed while we kept the partition (e.g.
         # ILLEGAL_GENERATION during a cooperative rebalance): committed on the next pass.
         self._uncommitted: dict[tuple[str, int], int] = {}
+        self._abandoned: list[Completed] = []
+        self._on_batch: Callable[[BatchOutcome], None] | None = None
+        self._between_batches: Callable[[], None] | None = None
         self.lag = LagSampler(metrics, settings.lag_interval_s)
+        depth = pipeline_depth if pipeline_depth is not None else settings.pipeline_depth
+        self.pipeline = Pipeline(processor, self._finish_with_retry, depth=depth)
 
     def start(self) -> None:
         self._consumer = Consumer(self.settings.consumer_config(self.group_id), logger=log)
@@ -50,16 +67,19 @@ class StreamConsumer:
             [self.settings.topic_detections],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_lost=self._on_lost,
         )
+        self.pipeline.start()
         log.info(
-            "consumer: subscribed topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d",
+            "consumer: subscribed topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d "
+            "pipeline_depth=%d",
             self.settings.topic_detections, self.group_id, self.settings.batch_max_size,
-            self.settings.batch_max_wait_ms,
+            self.settings.batch_max_wait_ms, self.pipeline.depth,
         )  # fmt: skip
 
     def request_stop(self) -> None:
-        """Finish the batch in hand, commit it, then leave the loop (safe from signal handlers)."""
+        """Finish the batches in hand, commit them, then leave the loop (safe from signal
+        handlers and other threads)."""
         self._stop.set()
 
     @property
@@ -67,25 +87,40 @@ class StreamConsumer:
         return self._stop.is_set()
 
     def stop(self) -> None:
+        self.pipeline.stop()
         if self._consumer is not None:
             self._consumer.close()  # leaves the group so partitions move at once
             self._consumer = None
 
-    def run(self, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
+    def run(
+        self,
+        on_batch: Callable[[BatchOutcome], None] | None = None,
+        *,
+        between_batches: Callable[[], None] | None = None,
+    ) -> None:
+        """Consume until ``request_stop()``. ``on_batch`` gets each committed batch's outcome;
+        ``between_batches`` is called in this thread between windows (e.g. to switch the
+        embedding version: the next batch to be embedded uses the processor's embedder)."""
         assert self._consumer is not None, "start() first"
+        self._on_batch = on_batch
+        self._between_batches = between_batches
         while not self._stop.is_set():
             self.lag.maybe_sample(self._consumer)
-            messages = self._window()
-            if not messages:
-                if self._uncommitted:
-                    self._commit(())
+            self._settle()
+            if self._between_batches is not None:
+                self._between_batches()
+            if self.pipeline.halted:
+                self._recover()
                 continue
-            outcome = self._process_with_retry(messages)
-            if outcome is None:
-                continue  # abandoned, uncommitted: redelivered to whoever owns the partitions
-            self._commit(messages)
-            if on_batch is not None:
-                on_batch(outcome)
+            if not self.pipeline.has_room():
+                self._wait_for_room()
+                continue
+            messages = self._window()
+            if messages:
+                self.pipeline.submit(messages)
+            elif self._uncommitted:
+                self._commit(())
+        self._drain()
 
     def _window(self) -> list[SourceMessage]:
         """Up to batch_max_size messages, or fewer once batch_max_wait_ms has passed."""
@@ -102,45 +137,104 @@ class StreamConsumer:
             messages.append(_source(msg))
         return messages
 
-    def _process_with_retry(self, messages: Sequence[SourceMessage]) -> BatchOutcome | None:
+    # -- completed batches ----------------------------------------------------------------
+    def _settle(self) -> None:
+        """Commit the batches that were written, in order; remember the abandoned ones;
+        re-raise a stage's unexpected failure (after committing what came before it)."""
+        done = self.pipeline.take_completed()
+        if not done:
+            return
+        written = [d for d in done if d.outcome is not None]
+        if written:
+            self._commit([m for d in written for m in d.messages])
+        self._abandoned += [d for d in done if d.outcome is None and d.error is None]
+        for d in written:
+            if self._on_batch is not None:
+                self._on_batch(d.outcome)  # type: ignore[arg-type]
+        for d in done:
+            if d.error is not None:
+                raise d.error
+
+    def _recover(self) -> None:
+        """After an abandoned batch: wait until the pipeline is empty, then rewind the
+        partitions still owned to their first unwritten offset, and carry on."""
+        assert self._consumer is not None
+        self._serve_group_until(lambda: self.pipeline.in_flight == 0 or self._stop.is_set())
+        if self._stop.is_set():
+            return  # the loop ends; nothing abandoned is committed
+        self._settle()
+        owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        for (topic, partition), offset in sorted(rewind_offsets(self._abandoned).items()):
+            if (topic, partition) not in owned:
+                continue  # its new owner starts from the committed offset
+            log.warning("consumer: rewinding %s[%d] to offset %d after an abandoned batch",
+                        topic, partition, offset)  # fmt: skip
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._abandoned.clear()
+        self.pipeline.resume()
+
+    def _drain(self) -> None:
+        """On stop: finish the batches already embedded, skip the others, commit."""
+        self.pipeline.skip_unembedded()
+        while self.pipeline.in_flight:
+            self.pipeline.wait(0.2)
+            self._settle()
+        self._settle()
+
+    # -- waiting while serving the group --------------------------------------------------
+    def _wait_for_room(self) -> None:
+        self.pipeline.wait(0.5)
+        if not self.pipeline.has_room() and not self.pipeline.halted:
+            # Long: an outage keeps the finish stage retrying. Keep answering the group.
+            self._serve_group_until(
+                lambda: self.pipeline.has_room() or self.pipeline.halted or self._stop.is_set()
+            )
+
+    def _serve_group_until(self, done: Callable[[], bool]) -> None:
+        """Poll with every partition paused (heartbeats, rebalances, lag) until ``done()``,
+        committing batches as they complete."""
+        assert self._consumer is not None
+        self._consumer.pause(self._consumer.assignment())
+        try:
+            while not done():
+                self.lag.maybe_sample(self._consumer)  # an outage is when lag matters most
+                msg = self._consumer.poll(0.2)
+                if msg is not None and msg.error() is None:
+                    # From a partition assigned meanwhile: give it back for later.
+                    here = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                    self._consumer.seek(here)
+                    self._consumer.pause([here])
+                self._settle()
+        finally:
+            self._consumer.resume(self._consumer.assignment())
+
+    # -- the finish stage (pipeline thread) -----------------------------------------------
+    def _finish_with_retry(self, batch: PreparedBatch) -> BatchOutcome | None:
         """The batch's outcome, or None when it was abandoned (stop requested, or its
         partitions revoked while an outage kept it from being written)."""
-        self._revoked.clear()
         attempt = 0
         while True:
             try:
-                return self.processor.process(messages)
+                return self.processor.finish(batch)
             except (StoreUnavailable, PublishError, KafkaException) as err:
                 self.metrics.store_errors.inc()
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
                 log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
-                self._wait_serving_group(delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not self._gives_up(batch):
+                    time.sleep(0.05)
                 if self._stop.is_set():
                     log.warning("consumer: stopping with an unwritten batch; not committing it")
                     return None
-                lost = {(m.topic, m.partition) for m in messages} & self._revoked
+                lost = batch.partitions & self._revoked
                 if lost:
                     log.warning("consumer: partitions %s revoked during retries; abandoning "
                                 "the batch uncommitted", sorted(lost))  # fmt: skip
                     return None
 
-    def _wait_serving_group(self, seconds: float) -> None:
-        """Sleep while still answering the group (heartbeats, rebalances), fetching nothing."""
-        assert self._consumer is not None
-        deadline = time.monotonic() + seconds
-        self._consumer.pause(self._consumer.assignment())
-        try:
-            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
-                self.lag.maybe_sample(self._consumer)  # an outage is when lag matters most
-                msg = self._consumer.poll(min(0.2, left))
-                if msg is not None and msg.error() is None:
-                    # From a partition assigned during the wait: give it back for later.
-                    here = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-                    self._consumer.seek(here)
-                    self._consumer.pause([here])
-        finally:
-            self._consumer.resume(self._consumer.assignment())
+    def _gives_up(self, batch: PreparedBatch) -> bool:
+        return self._stop.is_set() or bool(batch.partitions & self._revoked)
 
     def _commit(self, messages: Sequence[SourceMessage]) -> None:
         """Commit the ends of ``messages`` plus any earlier ends whose commit failed."""
@@ -178,15 +272,30 @@ class StreamConsumer:
             log.warning("consumer: %s", err)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoked.difference_update((p.topic, p.partition) for p in partitions)
         log.info("consumer: assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Callbacks run inside consume()/poll(): between batches, or while a batch waits out
-        # an outage, in which case the retry loop sees the revocation and abandons it.
+        # Runs inside consume()/poll(), in this thread. The partitions are still ours: let
+        # the batches in flight finish (one stuck on an outage is abandoned by the finish
+        # stage) and commit them, so the new owner starts where we stopped.
+        self._forget(partitions)
+        deadline = time.monotonic() + REVOKE_DRAIN_S
+        while self.pipeline.in_flight and time.monotonic() < deadline:
+            self.pipeline.wait(0.1)
+            self._settle()
+        self._settle()
+        log.info("consumer: revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Already someone else's: nothing to commit, and no reason to wait.
+        self._forget(partitions)
+        log.warning("consumer: lost %s", _names(partitions))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         self._revoked.update((p.topic, p.partition) for p in partitions)
         for p in partitions:
             self._uncommitted.pop((p.topic, p.partition), None)
-        log.info("consumer: revoked %s", _names(partitions))
 
 
 def _source(msg: Message) -> SourceMessage:

@@ -1,17 +1,61 @@
-"""The known deer of an embedding version: Redis first, PostgreSQL on a miss."""
+"""The known deer of each embedding version, held in memory as one matrix per backbone.
+
+Why: matching is one matmul against every known deer. Reading every centroid from Redis for
+each batch cost more than the matmul itself (about 18 ms per 10k deer plus decoding, so
+seconds at 100k). A worker now reads a version once and then keeps it up to date:
+
+- **load once**: the first ``load(version)`` reads every centroid, Redis first, Postgres for
+  what Redis lacks (a cold version, a lost key), exactly as before and with the same metrics;
+  a cold version read from Postgres is written back to Redis as a complete load.
+- **its own batches**: ``put(version, centroids)`` after each commit writes the committed
+  centroids into the matrices in place (new deer appended; capacity doubles, so appends are
+  amortised O(1)) and into Redis for the other workers.
+- **the other workers' batches**: at most every ``refresh_s`` seconds, ``load`` asks Postgres
+  (the truth) for the centroids written since the previous read: ``deer_centroids.updated_at``
+  newer than the server time of that read minus ``refresh_margin_s``. ``updated_at`` is the
+  writing transaction's *start* time, so a row can commit after a read with a time before it;
+  the margin (default 60 s, far longer than a batch transaction or its wait for the new-deer
+  lock) catches those. Rows seen twice are harmless: a centroid replaces the held one only if
+  its count (sightings) is not lower, so a stale copy never undoes a newer one (counts only
+  grow). All times are the database server's, so worker clocks do not matter.
+- **a full reload** every ``reload_s`` seconds (default 600) goes through Redis again: when the
+  version has gone cold there (its complete flag expires, see ``sinks.cache``), it is re-read
+  from Postgres and Redis is filled again. That bounds how long a centroid whose cache write
+  was lost (a worker killed between commit and cache write) stays stale anywhere.
+
+Correctness does not depend on the refresh: ``PgStore.write_batch`` re-checks, under the
+new-deer advisory lock, every deer the caller did not know before creating one. The refresh
+only keeps such re-plans rare and the scores current.
+
+Redis stays a cache: a failed read falls back to Postgres; a failed write marks the version
+stale and is counted (``reid_cache_errors_total``). While it is stale no further writes are
+tried; each ``load`` instead tries to drop the version from Redis (at most one Redis timeout
+per batch). Once that succeeds, Redis answers again: the version is reloaded from Postgres
+and written back to Redis in full. ``reid_cache_requests_total{result}`` counts centroids read
+during (re)loads: ``hit`` from Redis, ``miss`` read from Postgres instead. Batches match against
+memory and look nothing up.
+
+A loader belongs to one consumer thread (like ``PgStore``'s connection). The ``Gallery`` that
+``load`` returns is a view of the matrices, valid until the next ``put``/``load``/``absorb``
+of that version: those update rows in place.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import numpy as np
 
 from reid.matching import Gallery
 from sinks.cache import CacheUnavailable, CentroidCache
+from sinks.gallery_reads import changed_since, server_now
 from sinks.metrics import StreamMetrics
 from sinks.records import DeerCentroid
-from sinks.store import PgStore
+from sinks.store import PgStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,57 +72,282 @@ def to_gallery(centroids: Sequence[DeerCentroid], dim: int = 512) -> Gallery:
     )
 
 
-class GalleryLoader:
-    """Reads centroids from the cache, fills gaps from the store, and writes the cache back.
+class GalleryMatrix:
+    """Growable matrices of one version's deer: rows ``[0, len)`` are live, in arrival order
+    (a load arrives in id order), with an id -> row index."""
 
-    Redis is only a cache: when it is unreachable the loader reads Postgres and counts the
-    fallback; it never fails a batch because of Redis.
+    def __init__(self, dim: int = 512, capacity: int = 1024) -> None:
+        self.dim = dim
+        capacity = max(1, capacity)
+        self._ids = np.zeros(capacity, dtype=np.int64)
+        self._resnet = np.zeros((capacity, dim), dtype=np.float32)
+        self._effnet = np.zeros((capacity, dim), dtype=np.float32)
+        self._sightings = np.zeros(capacity, dtype=np.int64)
+        self._row: dict[int, int] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        return len(self._ids)
+
+    def view(self) -> Gallery:
+        """The live rows, without copying (see the module docstring on how long it holds)."""
+        n = self._n
+        return Gallery(self._ids[:n], self._resnet[:n], self._effnet[:n], self._sightings[:n])
+
+    def get(self, deer_id: int) -> DeerCentroid | None:
+        row = self._row.get(int(deer_id))
+        if row is None:
+            return None
+        return DeerCentroid(
+            int(deer_id),
+            self._resnet[row].copy(),
+            self._effnet[row].copy(),
+            int(self._sightings[row]),
+        )
+
+    def centroids(self) -> list[DeerCentroid]:
+        """Every held centroid (copies), by id."""
+        return [c for i in sorted(self._row) if (c := self.get(i)) is not None]
+
+    def upsert(self, centroids: Sequence[DeerCentroid]) -> tuple[int, int]:
+        """Write ``centroids`` in: unknown ids are appended (in id order), known ids are
+        replaced in place unless the held count (sightings) is higher. Returns (added,
+        replaced)."""
+        fresh: dict[int, DeerCentroid] = {}
+        replaced = 0
+        for c in centroids:
+            deer_id = int(c.deer_id)
+            row = self._row.get(deer_id)
+            if row is None:
+                held = fresh.get(deer_id)
+                if held is None or c.sightings >= held.sightings:
+                    fresh[deer_id] = c
+                continue
+            if c.sightings < self._sightings[row]:
+                continue  # an older copy (a late cache write, a stale read): keep the newer
+            resnet, effnet = self._checked(c.resnet, deer_id), self._checked(c.effnet, deer_id)
+            self._resnet[row], self._effnet[row] = resnet, effnet
+            self._sightings[row] = c.sightings
+            replaced += 1
+        if fresh:
+            self._append([fresh[i] for i in sorted(fresh)])
+        return len(fresh), replaced
+
+    def _append(self, ordered: list[DeerCentroid]) -> None:
+        k, start = len(ordered), self._n
+        self._reserve(start + k)
+        stop = start + k
+        for name, out in (("resnet", self._resnet), ("effnet", self._effnet)):
+            vectors = [self._checked(getattr(c, name), c.deer_id) for c in ordered]
+            np.stack(vectors, out=out[start:stop])
+        self._ids[start:stop] = [int(c.deer_id) for c in ordered]
+        self._sightings[start:stop] = [int(c.sightings) for c in ordered]
+        self._row.update((int(c.deer_id), start + j) for j, c in enumerate(ordered))
+        self._n = stop
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self.capacity
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+        n = self._n
+        # New arrays rather than resizing in place: views handed out earlier stay valid.
+        for name in ("_ids", "_resnet", "_effnet", "_sightings"):
+            old = getattr(self, name)
+            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            new[:n] = old[:n]
+            setattr(self, name, new)
+
+    def _checked(self, vector: np.ndarray, deer_id: int) -> np.ndarray:
+        v = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if v.shape != (self.dim,):
+            raise ValueError(f"deer {deer_id}: centroid has {v.shape} values, want {self.dim}")
+        return v
+
+
+@dataclass
+class _Held:
+    """One version in memory, and when it was last read from the shared stores."""
+
+    matrix: GalleryMatrix
+    watermark: datetime  # server time before the last read from Postgres or Redis
+    next_refresh: float  # monotonic
+    next_reload: float  # monotonic
+
+
+class GalleryLoader:
+    """The in-memory galleries of the versions a worker uses (see the module docstring).
+
+    ``refresh_s``: at most this often a ``load`` reads what other workers changed (0: every
+    ``load``); ``refresh_margin_s``: how far before the previous read it looks back;
+    ``reload_s``: a full reload through Redis this often (0: never).
     """
 
-    def __init__(self, store: PgStore, cache: CentroidCache | None, metrics: StreamMetrics) -> None:
+    def __init__(
+        self,
+        store: PgStore,
+        cache: CentroidCache | None,
+        metrics: StreamMetrics,
+        *,
+        refresh_s: float = 5.0,
+        refresh_margin_s: float = 60.0,
+        reload_s: float = 600.0,
+        dim: int = 512,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.cache = cache
         self.metrics = metrics
-        # Versions whose cache missed writes while Redis was failing: reloaded in full from
-        # Postgres once Redis answers again.
+        self.refresh_s = refresh_s
+        self.refresh_margin = timedelta(seconds=refresh_margin_s)
+        self.reload_s = reload_s
+        self.dim = dim
+        self._clock = clock
+        self._held: dict[str, _Held] = {}
+        # Versions whose cache writes failed: Redis may hold stale centroids for them until
+        # it answers again and they are dropped there and reloaded from Postgres.
         self._stale: set[str] = set()
 
+    # -- the processor's calls ------------------------------------------------------------
     def load(self, version: str) -> Gallery:
-        if self.cache is None:
-            return to_gallery(self.store.load_centroids(version))
+        """The known deer of ``version``: read once, then refreshed (see the module)."""
+        held = self._held.get(version)
+        if version in self._stale and self._redis_back(version):
+            held = self._full_load(version, held)
+        elif held is None:
+            held = self._full_load(version, None)
+        else:
+            now = self._clock()
+            if self.reload_s > 0 and now >= held.next_reload:
+                held = self._full_load(version, held)
+            elif now >= held.next_refresh:
+                self.refresh(version)
+        return held.matrix.view()
+
+    def put(
+        self, version: str, centroids: Sequence[DeerCentroid], *, complete: bool = False
+    ) -> None:
+        """Committed centroids: into memory (if the version is held) and Redis; a Redis
+        failure only marks the version stale (see the module)."""
+        held = self._held.get(version)
+        if held is not None and centroids:
+            held.matrix.upsert(centroids)
+        self._cache_put(version, centroids, complete=complete)
+
+    def absorb(self, version: str, centroids: Sequence[DeerCentroid]) -> Gallery:
+        """Committed centroids read by the caller itself (e.g. the deer ``write_batch`` found
+        under its lock): into memory only, returning the updated view. Deer new to memory come
+        after the earlier rows, in id order, like ``Gallery.extended(to_gallery(...))``."""
+        held = self._held.get(version)
+        if held is None:
+            held = self._full_load(version, None)
+        held.matrix.upsert(centroids)
+        return held.matrix.view()
+
+    def forget(self, version: str) -> None:
+        """Drop ``version`` from memory (a later ``load`` reads it again). Redis is left alone;
+        a version still marked stale there is dropped from Redis before it is read again."""
+        if self._held.pop(version, None) is not None:
+            log.info("gallery: forgot version=%s", version)
+
+    def versions(self) -> list[str]:
+        """The versions held in memory."""
+        return sorted(self._held)
+
+    def refresh(self, version: str) -> tuple[int, int]:
+        """Read what changed in Postgres since the last read of a held version; (added,
+        replaced). A failed read keeps memory as it is and is tried again later."""
+        held = self._held[version]
+        held.next_refresh = self._clock() + self.refresh_s
+        t0 = time.perf_counter()
         try:
-            if version in self._stale:
-                self.cache.invalidate(version)
-                self._stale.discard(version)
-                log.info("cache: redis is back; reloading version=%s from postgres", version)
+            changed, watermark = changed_since(
+                self.store, version, held.watermark - self.refresh_margin
+            )
+        except StoreUnavailable as err:
+            log.warning("gallery: refresh of version=%s failed, keeping memory: %s", version, err)
+            return 0, 0
+        added, replaced = held.matrix.upsert(changed)
+        held.watermark = watermark
+        log.debug(
+            "gallery: refreshed version=%s read=%d added=%d replaced=%d deer=%d ms=%.1f",
+            version, len(changed), added, replaced, len(held.matrix),
+            (time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+        return added, replaced
+
+    # -- reads ----------------------------------------------------------------------------
+    def _full_load(self, version: str, held: _Held | None) -> _Held:
+        """Every centroid of ``version`` into memory (into ``held``'s matrix if given: Postgres
+        is at least as new as anything held, and a lower count never replaces a higher)."""
+        t0 = time.perf_counter()
+        watermark = server_now(self.store)  # before reading: see changed_since
+        centroids = self._read_all(version)
+        if held is not None:
+            matrix = held.matrix
+        else:  # room to grow before the first doubling (which copies every row once)
+            matrix = GalleryMatrix(self.dim, len(centroids) + max(1024, len(centroids) // 4))
+        matrix.upsert(centroids)
+        now = self._clock()
+        held = _Held(matrix, watermark, now + self.refresh_s, now + self.reload_s)
+        self._held[version] = held
+        log.info(
+            "gallery: loaded version=%s read=%d deer=%d ms=%.1f",
+            version, len(centroids), len(matrix), (time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+        return held
+
+    def _read_all(self, version: str) -> list[DeerCentroid]:
+        """Redis first, Postgres for what it lacks (counted as before)."""
+        if self.cache is None:
+            return self.store.load_centroids(version)
+        try:
             read = self.cache.get_all(version)
         except CacheUnavailable as err:
             self._cache_failed(version, "read", err)
-            return to_gallery(self.store.load_centroids(version))
+            return self.store.load_centroids(version)
         if read is None:
             centroids = self.store.load_centroids(version)
             self.metrics.cache_requests.labels(result="miss").inc(max(1, len(centroids)))
-            self.put(version, centroids, complete=True)
-            return to_gallery(centroids)
+            self._cache_put(version, centroids, complete=True)
+            return centroids
         centroids = list(read.centroids)
         self.metrics.cache_requests.labels(result="hit").inc(len(centroids))
         if read.missing_ids:
             self.metrics.cache_requests.labels(result="miss").inc(len(read.missing_ids))
             missing = self.store.load_centroids(version, read.missing_ids)
             centroids.extend(missing)
-            self.put(version, missing)
-        return to_gallery(centroids)
+            self._cache_put(version, missing)
+        return centroids
 
-    def put(
+    # -- Redis ----------------------------------------------------------------------------
+    def _cache_put(
         self, version: str, centroids: Sequence[DeerCentroid], *, complete: bool = False
     ) -> None:
-        """Write centroids after the database commit; a failure only costs a later miss."""
-        if self.cache is None:
-            return
+        if self.cache is None or version in self._stale:
+            return  # stale: the writes resume with the full reload once Redis answers
         try:
             self.cache.put(version, centroids, complete=complete)
         except CacheUnavailable as err:
             self._cache_failed(version, "write", err)
+
+    def _redis_back(self, version: str) -> bool:
+        """Drop a stale version from Redis; True once that worked (Redis answers again)."""
+        assert self.cache is not None
+        try:
+            self.cache.invalidate(version)
+        except CacheUnavailable as err:
+            self.metrics.cache_errors.inc()
+            log.debug("cache: still failing for version=%s: %s", version, err)
+            return False
+        self._stale.discard(version)
+        log.info("cache: redis is back; reloading version=%s from postgres", version)
+        return True
 
     def _cache_failed(self, version: str, what: str, err: Exception) -> None:
         self._stale.add(version)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -71,21 +73,48 @@ class BatchOutcome:
         return dict(Counter(err.reason for _, err in self.dead_letters))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds tensors
 class _Pending:
-    """A valid event waiting for its embedding."""
+    """A valid event on its way through the batch."""
 
     message: SourceMessage
     event: DetectionEvent
     pixels: torch.Tensor | None = None
+    row: int | None = None  # its row in the batch's embeddings
 
     @functools.cached_property
     def digest(self) -> bytes:
         return hashlib.sha256(self.message.value or b"").digest()
 
 
+@dataclass
+class PreparedBatch:
+    """A batch between the stages: parsed and decoded by ``prepare``, embedded by ``embed``,
+    written and published by ``finish``. Nothing in it is stored until ``finish``."""
+
+    batch_id: int
+    messages: Sequence[SourceMessage]
+    invalid: list[tuple[SourceMessage, InvalidEvent]]  # failed parsing
+    firsts: list[_Pending]  # first occurrence of each detection_id, in batch order
+    repeats: list[_Pending]  # later occurrences in the same batch
+    undecodable: dict[str, InvalidEvent]  # detection_id -> why its image failed
+    embedder: Embedder | None = None  # the one that embedded it (its version is the batch's)
+    vectors: Embeddings | None = None
+
+    @property
+    def partitions(self) -> set[tuple[str, int]]:
+        return {(m.topic, m.partition) for m in self.messages}
+
+
 class BatchProcessor:
-    """Parse, decode, embed, match, persist, publish: one batch at a time."""
+    """Parse, decode, embed, match, persist, publish.
+
+    Three stages, each callable from its own thread so that a runner can overlap them
+    (``streams.pipeline``): ``prepare`` (parse, decode and crop in a thread pool), ``embed``
+    (one forward pass per backbone) and ``finish`` (match, one database transaction, publish;
+    the only stage that touches the store, and the one a runner retries after an outage).
+    ``process`` runs the three in a row.
+    """
 
     def __init__(
         self,
@@ -97,6 +126,7 @@ class BatchProcessor:
         metrics: StreamMetrics,
     ) -> None:
         self.settings = settings
+        # Read once per batch by `embed`: swapping it switches the version at a batch boundary.
         self.embedder = embedder
         self.store = store
         self.gallery = gallery
@@ -104,11 +134,9 @@ class BatchProcessor:
         self.metrics = metrics
         self.roots = ImageRoots(settings.image_roots)
         self._pool: ThreadPoolExecutor | None = None
-        self._batches = 0
+        self._batches = itertools.count(1)
 
     def start(self) -> None:
-        import os
-
         workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
 
@@ -119,26 +147,72 @@ class BatchProcessor:
 
     # -- the batch ------------------------------------------------------------------------
     def process(self, messages: Sequence[SourceMessage]) -> BatchOutcome:
-        self._batches += 1
-        outcome = BatchOutcome(batch_id=self._batches, messages=len(messages))
-        if not messages:
+        """All three stages in the calling thread."""
+        return self.finish(self.embed(self.prepare(messages)))
+
+    def prepare(self, messages: Sequence[SourceMessage]) -> PreparedBatch:
+        """Parse every message and decode the images of the valid ones (no store access)."""
+        batch = PreparedBatch(next(self._batches), messages, [], [], [], {})
+        if messages:
+            self._parse(batch)
+            self._decode(batch)
+        return batch
+
+    def embed(self, batch: PreparedBatch) -> PreparedBatch:
+        """Embed the decoded images with the current embedder."""
+        batch.embedder = self.embedder
+        decoded = [p for p in batch.firsts if p.pixels is not None]
+        if decoded:
+            with self._stage("embed"):
+                batch.vectors = batch.embedder.embed(torch.stack([p.pixels for p in decoded]))
+            for row, item in enumerate(decoded):
+                item.row = row
+                item.pixels = None  # the pixels are not needed any more; free them early
+        return batch
+
+    def finish(self, batch: PreparedBatch) -> BatchOutcome:
+        """Match, write and publish an embedded batch. Raises StoreUnavailable or
+        PublishError when the database or the broker fails; calling it again is safe."""
+        outcome = BatchOutcome(batch_id=batch.batch_id, messages=len(batch.messages))
+        for message, err in batch.invalid:
+            self._dead_letter(message, err, outcome)
+        if not batch.firsts:
+            self._publish([], {}, outcome)
+            self._count(outcome)
+            self._log(batch, outcome)
             return outcome
 
-        firsts, repeats = self._parse(messages, outcome)
+        firsts = batch.firsts
         stored = self.store.existing_assignments([p.event.detection_id for p in firsts])
         firsts = self._drop_conflicts(firsts, stored, outcome)
-        fresh = [p for p in firsts if p.event.detection_id not in stored]
-        outcome.redelivered = len(firsts) - len(fresh)
-
         rejected: dict[str, InvalidEvent] = {}
-        fresh = self._decode(fresh, rejected, outcome)
+        fresh: list[_Pending] = []
+        for item in firsts:
+            detection_id = item.event.detection_id
+            if detection_id in stored:
+                outcome.redelivered += 1
+            elif detection_id in batch.undecodable:
+                rejected[detection_id] = batch.undecodable[detection_id]
+                self._dead_letter(item.message, rejected[detection_id], outcome)
+            else:
+                fresh.append(item)
         if fresh:
-            stored.update(self._embed_match_persist(fresh, outcome))
-        published = firsts + self._settle_repeats(firsts, repeats, rejected, outcome)
+            assert batch.embedder is not None and batch.vectors is not None, "embed() first"
+            stored.update(self._match_persist(batch, fresh, outcome))
+        kept = {id(p) for p in firsts}
+        for item in batch.firsts:
+            if id(item) not in kept:  # dropped as a conflict: its repeats are conflicts too
+                rejected.setdefault(item.event.detection_id, _stored_elsewhere(item))
+        published = [p for p in firsts if p.event.detection_id not in rejected]
+        published += self._settle_repeats(batch.firsts, batch.repeats, rejected, outcome)
 
         self._publish(published, stored, outcome)
         self._count(outcome)
-        offsets = _offset_ranges(messages)
+        self._log(batch, outcome)
+        return outcome
+
+    def _log(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
+        offsets = _offset_ranges(batch.messages)
         log.info(
             "batch %d: messages=%d existing=%d new_deer=%d redelivered=%d dead_lettered=%d "
             "offsets=%s",
@@ -151,7 +225,6 @@ class BatchProcessor:
                 "dead_letter_reasons": outcome.dead_letter_reasons, "offsets": offsets,
             },
         )  # fmt: skip
-        return outcome
 
     def _drop_conflicts(
         self, items: list[_Pending], stored: dict[str, StoredAssignment], outcome: BatchOutcome
@@ -163,11 +236,7 @@ class BatchProcessor:
             if saved is None or saved.content_sha256 in (None, item.digest):
                 kept.append(item)
                 continue
-            conflict = InvalidEvent(
-                "duplicate_conflict",
-                f"detection_id {item.event.detection_id!r} was stored earlier from other content",
-            )
-            self._dead_letter(item.message, conflict, outcome)
+            self._dead_letter(item.message, _stored_elsewhere(item), outcome)
         return kept
 
     def _settle_repeats(
@@ -196,42 +265,34 @@ class BatchProcessor:
                 same.append(item)
         return same
 
-    def _parse(
-        self, messages: Sequence[SourceMessage], outcome: BatchOutcome
-    ) -> tuple[list[_Pending], list[_Pending]]:
+    def _parse(self, batch: PreparedBatch) -> None:
         """Valid events, first occurrence of each detection_id, and the in-batch repeats."""
         firsts: dict[str, _Pending] = {}
-        repeats: list[_Pending] = []
-        for message in messages:
+        for message in batch.messages:
             try:
                 event = parse_detection(message.value, max_bytes=self.settings.max_message_bytes)
             except InvalidEvent as err:
-                self._dead_letter(message, err, outcome)
+                batch.invalid.append((message, err))
                 continue
             item = _Pending(message, event)
             if event.detection_id in firsts:
-                repeats.append(item)
+                batch.repeats.append(item)
             else:
                 firsts[event.detection_id] = item
-        return list(firsts.values()), repeats
+        batch.firsts = list(firsts.values())
 
-    def _decode(
-        self, items: list[_Pending], rejected: dict[str, InvalidEvent], outcome: BatchOutcome
-    ) -> list[_Pending]:
-        """Read, decode, crop and resize off the main thread; bad images become dead letters."""
+    def _decode(self, batch: PreparedBatch) -> None:
+        """Read, decode, crop and resize in the thread pool; failures are kept per event
+        (dead-lettered by ``finish`` unless the event turns out to be stored already)."""
         assert self._pool is not None, "start() the processor first"
         t0 = time.perf_counter()
-        futures = [self._pool.submit(self._pixels, item.event) for item in items]
-        decoded: list[_Pending] = []
-        for item, future in zip(items, futures, strict=True):
+        futures = [self._pool.submit(self._pixels, item.event) for item in batch.firsts]
+        for item, future in zip(batch.firsts, futures, strict=True):
             try:
                 item.pixels = future.result()
-                decoded.append(item)
             except InvalidEvent as err:
-                rejected[item.event.detection_id] = err
-                self._dead_letter(item.message, err, outcome)
+                batch.undecodable[item.event.detection_id] = err
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
-        return decoded
 
     def _pixels(self, event: DetectionEvent) -> torch.Tensor:
         data = image_bytes(event, self.roots)
@@ -241,12 +302,13 @@ class BatchProcessor:
             raise InvalidEvent(err.reason, str(err)) from None
         return self.embedder.preprocess.to_uint8(image)
 
-    def _embed_match_persist(
-        self, items: list[_Pending], outcome: BatchOutcome
+    def _match_persist(
+        self, batch: PreparedBatch, items: list[_Pending], outcome: BatchOutcome
     ) -> dict[str, StoredAssignment]:
-        version = self.embedder.embedding_version
-        with self._stage("embed"):
-            vectors = self.embedder.embed(torch.stack([i.pixels for i in items]))
+        assert batch.embedder is not None and batch.vectors is not None
+        version = batch.embedder.embedding_version
+        picked = [p.row for p in items]
+        vectors = Embeddings(batch.vectors.resnet[picked], batch.vectors.effnet[picked])
         processed_at = datetime.now(UTC)
 
         def plan_against(known: Gallery) -> tuple[int, list[DetectionRow]]:
@@ -350,6 +412,13 @@ class _StageTimer:
 
     def __exit__(self, *exc: object) -> None:
         self.histogram.observe(time.perf_counter() - self.t0)
+
+
+def _stored_elsewhere(item: _Pending) -> InvalidEvent:
+    return InvalidEvent(
+        "duplicate_conflict",
+        f"detection_id {item.event.detection_id!r} was stored earlier from other content",
+    )
 
 
 def _rows(

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # Batching
     batch_max_size: int = Field(32, ge=1, le=1024, description="Events per model batch")
     batch_max_wait_ms: int = Field(200, ge=1, description="Flush a partial batch after this long")
+    pipeline_depth: int = Field(
+        3, ge=1, le=16,
+        description="Batches in flight at once (decode, embed, write overlap); 1 = one at a time",
+    )  # fmt: skip
     decode_workers: int = Field(
         0, ge=0, description="Threads decoding and cropping images (0 = one per core)"
     )
@@ -72,6 +76,18 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU"
     )
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="What runs the model: torch, or onnx (onnxruntime, CPU only)"
+    )
+    onnx_cache_dir: Path | None = Field(
+        None, description="Folder of exported ONNX models (empty = ~/.cache/reid-stream/onnx)"
+    )
+    pad_batches: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pad model batches to fixed sizes (auto = on CUDA or when compiled)"
+    )
+    torch_compile: Literal[
+        "off", "on", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field("off", description="torch.compile mode (on = max-autotune on CUDA, default on CPU)")
     threshold: float = Field(0.40, ge=-1.0, le=1.0, description="Ensemble score to join a deer")
     weight_resnet: float = Field(0.6, ge=0.0, le=1.0, description="Weight of the ResNet score")
     weight_effnet: float = Field(0.4, ge=0.0, le=1.0, description="Weight of EfficientNet score")
@@ -84,6 +100,15 @@ class Settings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"), description="Redis URL; empty disables the cache"
     )
     cache_key_prefix: str = Field("reid", description="Prefix of the Redis keys")
+    gallery_refresh_s: float = Field(
+        5.0, ge=0, description="How often the in-memory gallery reads deer changed elsewhere"
+    )
+    gallery_refresh_margin_s: float = Field(
+        60.0, ge=0, description="How far before the previous read a gallery refresh looks back"
+    )
+    gallery_reload_s: float = Field(
+        600.0, ge=0, description="Full gallery reload through Redis this often (0 = never)"
+    )
 
     # Operations
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics")
@@ -103,6 +128,9 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(
         5.0, gt=0, description="How often /readyz re-checks the broker, Postgres and Redis"
     )
+    version_poll_s: float = Field(
+        5.0, gt=0, description="How often the live consumer reads the active embedding version"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -114,11 +142,21 @@ class Settings(BaseSettings):
     def _empty_redis_disables(cls, value: Any) -> Any:
         return None if value in ("", None) else value
 
-    @field_validator("weights_path", "input_size", mode="before")
+    @field_validator("weights_path", "input_size", "onnx_cache_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # Compose passes `${VAR:-}` as an empty string; that means "not set", not Path(".").
         return None if value == "" else value
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        # REID_TORCH_COMPILE=true/false reads as a switch; a mode name picks the mode.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
+            return "on" if value.lower() in ("true", "1", "yes") else "off"
+        return value
 
     @model_validator(mode="after")
     def _weights_sum_to_one(self) -> Settings:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from PIL import Image
 
@@ -59,7 +60,9 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
+# The same assertions for both runners (README "Runners"); SIGTERM at the end must exit 0.
+@pytest.mark.parametrize("runner", ["confluent", "faust"])
+def test_stream_end_to_end(stack, stream_env, database_url, tmp_path, runner):
     env = stream_env
     bootstrap = env["REID_KAFKA_BOOTSTRAP_SERVERS"]
     topics = [env["REID_TOPIC_DETECTIONS"], env["REID_TOPIC_ASSIGNMENTS"],
@@ -93,7 +96,7 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
     ends = produce(bootstrap, topics[0], mixed)
     unique_ids = {json.loads(v)["detection_id"] for _, v in good}
 
-    with stream_consumer(env) as consumer:
+    with stream_consumer(env, runner) as consumer:
         assignments = read_topic(
             {"bootstrap.servers": bootstrap}, topics[1], expected=len(good), timeout_s=240
         )
@@ -149,13 +152,13 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path):
 
 
 class StreamConsumer:
-    """A `reid-stream run` process configured by ``env``; stopped with SIGTERM on exit, and
-    required to exit 0."""
+    """A `reid-stream run --runner RUNNER` process configured by ``env``; stopped with SIGTERM
+    on exit, and required to exit 0."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], runner: str = "confluent") -> None:
         self.env = env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "run"], env=env,
+            [sys.executable, "-m", "streams.cli", "run", "--runner", runner], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.output = ""
@@ -193,8 +196,8 @@ class StreamConsumer:
 
 
 @contextlib.contextmanager
-def stream_consumer(env: dict[str, str]) -> Iterator[StreamConsumer]:
-    consumer = StreamConsumer(env)
+def stream_consumer(env: dict[str, str], runner: str = "confluent") -> Iterator[StreamConsumer]:
+    consumer = StreamConsumer(env, runner)
     try:
         yield consumer
     except BaseException:

@@ -1,0 +1,675 @@
+"""`reid-stream replay`: re-embed the detections topic under another embedding version.
+
+The replay reads the detections topic with a consumer group of its own
+(``<REID_GROUP_ID>-replay-<version>``), partitions assigned explicitly (one process; the
+group only holds its committed offsets), and re-embeds every event that the database holds,
+through the same functions as the live stream (``parse_detection``, ``image_bytes``,
+``decode_image``/``crop``, ``Embedder.preprocess.to_uint8`` in a decode thread pool, one
+``Embedder.embed`` forward per batch of ``REID_BATCH_MAX_SIZE``). Per batch, in one
+transaction (``PgStore.store_replayed``): the vectors are upserted per (detection, version)
+and the version's centroids of the deer they belong to are rebuilt from all of that deer's
+vectors as the re-normalised mean. Deer identities do not change: the assignments stay, only
+their vectors do. Offsets are committed after the transaction, so an interrupted replay
+continues from its committed offsets, and one run twice stores nothing twice.
+
+Skipped (and counted): events the database does not hold (dead-lettered, or not processed
+yet), invalid events, conflicting duplicates, and detections that already have a vector of
+the version (a second run, or stored by a live consumer that ran the version).
+
+**Never ahead of the live consumer.** An event beyond the live group's committed offset is
+not stored yet; a replay that skipped it would never give it a vector. The replay therefore
+holds each partition at the live group's committed offset (re-read every second) and
+follows it. Without a live group's offsets (no live consumer ever committed), nothing is held.
+
+**The end** (``--until-end``) is where the replay reached, on every partition, the live
+group's committed offset (everything the live consumer stored), or, for partitions the live
+group has not committed, the partition's end offset, and no message arrived for
+``idle_s``. The idle wait is needed because the embedded tansu broker reports a wrong high
+watermark (too low), so its end offsets alone cannot say the replay is done.
+
+**By time** (``--from-time``) uses ``offsets_for_times``. Brokers that cannot look offsets up
+by time (the embedded tansu broker returns offset 0 for any timestamp) are detected by a
+probe with a timestamp far in the future (a real broker answers "no such offset", -1) and the
+command stops with a message instead of replaying from a wrong place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+
+from reid.embedder import Embedder
+from reid.preprocess import ImageError, crop, decode_image
+from sinks.cache import CacheUnavailable, CentroidCache
+from sinks.metrics import ReplayMetrics
+from sinks.store import PgStore
+from streams.events import DetectionEvent, InvalidEvent, parse_detection
+from streams.images import ImageRoots, image_bytes
+from streams.settings import Settings
+from streams.versions import file_sha256, version_spec
+
+log = logging.getLogger(__name__)
+
+# A timestamp no record has: a broker that looks offsets up by time answers -1 for it.
+_FUTURE_PROBE_MS = 4_102_444_800_000  # 2100-01-01
+CAP_REFRESH_S = 1.0
+
+
+class ReplayError(RuntimeError):
+    """A replay that cannot start as asked (wrong weights, unusable start position)."""
+
+
+def replay_group(settings: Settings, version: str) -> str:
+    """The replay's consumer group: one per version, beside the live group."""
+    return f"{settings.group_id}-replay-{re.sub(r'[^A-Za-z0-9._-]', '_', version)}"
+
+
+@dataclass
+class ReplayStats:
+    version: str
+    group: str
+    events: int = 0
+    batches: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+    deer_rebuilt: int = 0
+    elapsed_s: float = 0.0
+    reached_end: bool = False
+    positions: dict[int, int] = field(default_factory=dict)
+
+    def count(self, result: str, n: int = 1) -> None:
+        self.results[result] = self.results.get(result, 0) + n
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["positions"] = {str(p): o for p, o in sorted(self.positions.items())}
+        out["events_per_s"] = round(self.events_per_s, 2)
+        out["stored_per_s"] = round(
+            self.results.get("stored", 0) / self.elapsed_s if self.elapsed_s > 0 else 0.0, 2
+        )
+        out["elapsed_s"] = round(self.elapsed_s, 2)
+        return out
+
+
+class Progress:
+    """A plain-text progress bar on stderr: events done, rate, time left.
+
+    On a terminal it redraws one line; otherwise (logs, CI) it prints a line every 5 s.
+    """
+
+    def __init__(self, label: str, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, remaining: int | None, *, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self._last < (0.5 if self.tty else 5.0):
+            return
+        self._last = now
+        elapsed = max(now - self.t0, 1e-9)
+        rate = done / elapsed
+        total = None if remaining is None else done + remaining
+        if total:
+            width = 30
+            filled = int(width * done / total)
+            bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({100 * done / total:.0f}%)"
+        else:
+            bar = f"{done} events"
+        eta = "?" if remaining is None or rate <= 0 else _duration(remaining / rate)
+        line = f"{self.label} {bar} {rate:.1f} ev/s, left {eta}, elapsed {_duration(elapsed)}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def read_offsets_file(path: Path) -> dict[int, int]:
+    """``{"<partition>": <offset>, ...}``; partitions not named start at the beginning."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        offsets = {int(p): int(o) for p, o in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise ReplayError(f"{path}: expected a JSON object partition -> offset: {err}") from err
+    if any(o < 0 for o in offsets.values()):
+        raise ReplayError(f"{path}: offsets must be >= 0")
+    return offsets
+
+
+def parse_time(text: str) -> int:
+    """RFC 3339 (``2026-11-02T05:00:00Z``) or Unix milliseconds, as Unix milliseconds."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise ReplayError(f"--from-time {text!r}: not RFC 3339 nor Unix milliseconds") from err
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+class Replayer:
+    """One replay run; see the module docstring. ``start()``, ``run()``, ``stop()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        *,
+        version: str,
+        weights_path: Path | None = None,
+        metrics: ReplayMetrics | None = None,
+        progress: Progress | None = None,
+        idle_s: float = 2.0,
+        follow_live: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.version = version
+        self.weights_path = weights_path
+        self.metrics = metrics or ReplayMetrics()
+        self.progress = progress
+        self.idle_s = idle_s
+        self.follow_live = follow_live
+        self.topic = settings.topic_detections
+        self.group = replay_group(settings, version)
+        self.store = PgStore(settings.database_url.get_secret_value())
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self.cache = (
+            CentroidCache(redis_url, key_prefix=settings.cache_key_prefix) if redis_url else None
+        )
+        self.roots = ImageRoots(settings.image_roots)
+        self._stop = threading.Event()
+        self._consumer: Consumer | None = None
+        self._live: Consumer | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._partitions: list[int] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the embedder, check it is the version asked for, register the version."""
+        self.embedder.start()
+        if self.embedder.embedding_version != self.version:
+            raise ReplayError(
+                f"the weights make embedding version {self.embedder.embedding_version!r}, "
+                f"not {self.version!r}"
+            )
+        self.store.start()
+        known = self.store.version(self.version)
+        if known is not None and known.weights_sha256 and self.weights_path is not None:
+            digest = file_sha256(self.weights_path)
+            if digest != known.weights_sha256:
+                raise ReplayError(
+                    f"{self.weights_path} is not the checkpoint registered for {self.version!r} "
+                    f"(SHA-256 {digest[:12]}... vs {known.weights_sha256[:12]}...)"
+                )
+        self.store.register_version(version_spec(self.settings, self.embedder, self.weights_path))
+        self.store.set_version_state(self.version, "replaying")
+        if self.cache is not None:
+            self.cache.start()
+        workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="replay-decode")
+        conf = self.settings.consumer_config(self.group)
+        self._consumer = Consumer(conf, logger=log)
+        if self.follow_live:
+            # Reads the live group's committed offsets only; it never joins that group.
+            self._live = Consumer(
+                {**self.settings.kafka_common(), "group.id": self.settings.group_id,
+                 "enable.auto.commit": False},
+                logger=log,
+            )  # fmt: skip
+        meta = self._consumer.list_topics(self.topic, timeout=10)
+        topic = meta.topics.get(self.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ReplayError(f"topic {self.topic!r} not found")
+        self._partitions = sorted(topic.partitions)
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, and return from run() (signal-safe)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        for closer in (
+            lambda: self._consumer is not None and self._consumer.close(),
+            lambda: self._live is not None and self._live.close(),
+            lambda: self._pool is not None and self._pool.shutdown(wait=True, cancel_futures=True),
+            lambda: self.cache is not None and self.cache.stop(),
+            self.store.stop,
+        ):
+            try:
+                closer()
+            except Exception:
+                log.exception("replay: error while stopping")
+        self._consumer = self._live = self._pool = None
+
+    # -- start positions ------------------------------------------------------------------
+    def start_offsets(
+        self,
+        *,
+        from_beginning: bool = False,
+        offsets: dict[int, int] | None = None,
+        from_time_ms: int | None = None,
+    ) -> dict[int, int]:
+        """Where each partition starts: the given offsets, the offsets at a time, the
+        beginning, or (default) the replay group's committed offsets, else the beginning."""
+        assert self._consumer is not None, "start() first"
+        if offsets is not None:
+            return {p: offsets.get(p, OFFSET_BEGINNING) for p in self._partitions}
+        if from_time_ms is not None:
+            return self._offsets_for_time(from_time_ms)
+        if from_beginning:
+            return {p: OFFSET_BEGINNING for p in self._partitions}
+        committed = self._consumer.committed(
+            [TopicPartition(self.topic, p) for p in self._partitions], timeout=10
+        )
+        return {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_BEGINNING for tp in committed}
+
+    def _offsets_for_time(self, ms: int) -> dict[int, int]:
+        assert self._consumer is not None
+        probe = self._consumer.offsets_for_times(
+            [TopicPartition(self.topic, p, _FUTURE_PROBE_MS) for p in self._partitions], timeout=10
+        )
+        if any(tp.offset >= 0 or tp.error is not None for tp in probe):
+            raise ReplayError(
+                "this broker cannot look offsets up by timestamp (it answered an offset for a "
+                "time in the year 2100; the embedded tansu broker answers 0 for any time), so "
+                "--from-time cannot be honoured; use --from-beginning or --from-offsets FILE"
+            )
+        found = self._consumer.offsets_for_times(
+            [TopicPartition(self.topic, p, ms) for p in self._partitions], timeout=10
+        )
+        # -1: no message at or after that time in the partition: nothing to replay there.
+        return {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_END for tp in found}
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(
+        self, starts: dict[int, int], *, until_end: bool = False, max_batches: int | None = None
+    ) -> ReplayStats:
+        """Replay from ``starts`` until stopped, until the end (``until_end``), or after
+        ``max_batches`` stored batches. Returns what it did."""
+        assert self._consumer is not None, "start() first"
+        stats = ReplayStats(self.version, self.group)
+        t0 = time.monotonic()
+        positions = self._resolve(starts)
+        stats.positions = dict(positions)
+        if self.metrics is not None:
+            self.metrics.embedding_info.info({"embedding_version": self.version, "role": "replay"})
+        self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
+        held: set[int] = set()  # partitions paused at the live group's committed offset
+        caps: dict[int, int] = {}
+        next_cap = 0.0
+        last_message = time.monotonic()
+        log.info("replay: version=%s group=%s from %s", self.version, self.group,
+                 _fmt_offsets(positions))  # fmt: skip
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_cap:
+                caps = self._live_caps()
+                next_cap = now + CAP_REFRESH_S
+                release = [p for p in held if caps.get(p, -1) > positions[p]]
+                if release:
+                    self._consumer.resume([TopicPartition(self.topic, p) for p in release])
+                    held.difference_update(release)
+            ends = self._ends(caps)
+            remaining = sum(max(0, ends[p] - positions[p]) for p in self._partitions)
+            self.metrics.replay_remaining.set(remaining)
+            if self.progress is not None:
+                self.progress.update(stats.events, remaining)
+            if until_end and remaining == 0 and time.monotonic() - last_message >= self.idle_s:
+                stats.reached_end = True
+                break
+            batch = self._window(positions, caps, held)
+            if not batch:
+                continue
+            last_message = time.monotonic()
+            self._replay_batch(batch, stats)
+            self._commit(batch, positions)
+            stats.events += len(batch)
+            stats.batches += 1
+            stats.elapsed_s = time.monotonic() - t0
+            self.metrics.replay_rate.set(stats.events_per_s)
+            if max_batches is not None and stats.batches >= max_batches:
+                break
+        stats.elapsed_s = time.monotonic() - t0
+        stats.positions = dict(positions)
+        if self.progress is not None:
+            self.progress.update(stats.events, 0 if stats.reached_end else None, final=True)
+        if stats.reached_end:
+            self.store.set_version_state(self.version, "ready")
+            self.store.ensure_indexes(self.version)
+        log.info("replay: done %s", json.dumps(stats.summary(), sort_keys=True))
+        return stats
+
+    def _resolve(self, starts: dict[int, int]) -> dict[int, int]:
+        """Logical start offsets (OFFSET_BEGINNING/END resolved with the watermarks)."""
+        assert self._consumer is not None
+        out = {}
+        for p in self._partitions:
+            offset = starts.get(p, OFFSET_BEGINNING)
+            if offset < 0:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=10
+                )
+                offset = low if offset == OFFSET_BEGINNING else high
+            out[p] = offset
+        return out
+
+    def _live_caps(self) -> dict[int, int]:
+        """The live group's committed offset per partition (those it committed)."""
+        if self._live is None:
+            return {}
+        try:
+            committed = self._live.committed(
+                [TopicPartition(self.topic, p) for p in self._partitions], timeout=10
+            )
+        except Exception as err:  # the broker is unreachable: keep going, re-read soon
+            log.warning("replay: cannot read the live group's offsets: %s", err)
+            return {}
+        return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+
+    def _ends(self, caps: dict[int, int]) -> dict[int, int]:
+        """Where the replay is done per partition: the live cap, else the end offset."""
+        assert self._consumer is not None
+        ends = {}
+        for p in self._partitions:
+            if p in caps:
+                ends[p] = caps[p]
+                continue
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), timeout=10, cached=False
+            )
+            ends[p] = max(high, 0)
+        return ends
+
+    def _window(
+        self, positions: dict[int, int], caps: dict[int, int], held: set[int]
+    ) -> list[Any]:
+        """Up to a batch of messages, none at or beyond the live group's committed offset:
+        a partition that reached it is rewound to it and paused until the live group moves."""
+        assert self._consumer is not None
+        raw = self._consumer.consume(
+            num_messages=self.settings.batch_max_size,
+            timeout=self.settings.batch_max_wait_ms / 1000,
+        )
+        out = []
+        stopped: set[int] = set()
+        for msg in raw:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise ReplayError(f"kafka: {err}")
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("replay: %s", err)
+                continue
+            p = msg.partition()
+            if p in stopped:
+                continue
+            if self.follow_live and (p not in caps or msg.offset() >= caps[p]) and caps:
+                # Not stored by the live consumer yet: come back for it later.
+                tp = TopicPartition(self.topic, p, msg.offset())
+                self._consumer.seek(tp)
+                self._consumer.pause([tp])
+                held.add(p)
+                stopped.add(p)
+                continue
+            out.append(msg)
+        return out
+
+    def _replay_batch(self, batch: Sequence[Any], stats: ReplayStats) -> None:
+        m = self.metrics
+        parsed: dict[str, tuple[DetectionEvent, bytes]] = {}
+        for msg in batch:
+            try:
+                event = parse_detection(msg.value(), max_bytes=self.settings.max_message_bytes)
+            except InvalidEvent:
+                stats.count("invalid")
+                m.replay_events.labels(result="invalid").inc()
+                continue
+            if event.detection_id in parsed:
+                stats.count("already_stored")  # a repeat within the batch
+                m.replay_events.labels(result="already_stored").inc()
+                continue
+            parsed[event.detection_id] = (event, hashlib.sha256(msg.value() or b"").digest())
+        stored = self.store.replay_lookup(self.version, list(parsed))
+        todo: list[DetectionEvent] = []
+        for detection_id, (event, digest) in parsed.items():
+            found = stored.get(detection_id)
+            result = (
+                "not_stored" if found is None
+                else "conflict" if found[1] is not None and found[1] != digest
+                else "already_stored" if found[2]
+                else None
+            )  # fmt: skip
+            if result is None:
+                todo.append(event)
+            else:
+                stats.count(result)
+                m.replay_events.labels(result=result).inc()
+        if not todo:
+            return
+        assert self._pool is not None
+        t0 = time.perf_counter()
+        futures = [self._pool.submit(self._pixels, event) for event in todo]
+        ready: list[tuple[str, torch.Tensor]] = []
+        for event, future in zip(todo, futures, strict=True):
+            try:
+                ready.append((event.detection_id, future.result()))
+            except InvalidEvent as err:
+                log.warning("replay: %s: %s", event.detection_id, err)
+                stats.count("undecodable")
+                m.replay_events.labels(result="undecodable").inc()
+        m.replay_stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed(torch.stack([pixels for _, pixels in ready]))
+        m.replay_stage_seconds.labels(stage="embed").observe(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rows = [
+            (detection_id, vectors.resnet[i], vectors.effnet[i])
+            for i, (detection_id, _) in enumerate(ready)
+        ]
+        centroids = self.store.store_replayed(self.version, rows)
+        m.replay_stage_seconds.labels(stage="persist").observe(time.perf_counter() - t0)
+        stats.count("stored", len(rows))
+        stats.deer_rebuilt += len(centroids)
+        m.replay_events.labels(result="stored").inc(len(rows))
+        m.replay_batches.inc()
+        if self.cache is not None:
+            # A warm cache of this version stays right; a cold one is loaded in full later.
+            try:
+                self.cache.put(self.version, centroids)
+            except CacheUnavailable as err:
+                log.warning("replay: cache write failed (%s); invalidating %s", err, self.version)
+                try:
+                    self.cache.invalidate(self.version)
+                except CacheUnavailable:
+                    log.warning("replay: the cache of %s may be stale", self.version)
+
+    def _pixels(self, event: DetectionEvent) -> torch.Tensor:
+        # As BatchProcessor._pixels: the same crop and preprocessing as the live stream.
+        data = image_bytes(event, self.roots)
+        try:
+            image = crop(decode_image(data, max_pixels=self.settings.max_image_pixels), event.bbox)
+        except ImageError as err:
+            raise InvalidEvent(err.reason, str(err)) from None
+        return self.embedder.preprocess.to_uint8(image)
+
+    def _commit(self, batch: Sequence[Any], positions: dict[int, int]) -> None:
+        assert self._consumer is not None
+        t0 = time.perf_counter()
+        ends: dict[int, int] = {}
+        for msg in batch:
+            ends[msg.partition()] = max(ends.get(msg.partition(), -1), msg.offset() + 1)
+        self._consumer.commit(
+            offsets=[TopicPartition(self.topic, p, o) for p, o in sorted(ends.items())],
+            asynchronous=False,
+        )
+        positions.update(ends)
+        self.metrics.replay_stage_seconds.labels(stage="commit").observe(time.perf_counter() - t0)
+
+
+def _fmt_offsets(offsets: dict[int, int]) -> str:
+    return ",".join(f"{p}:{o}" for p, o in sorted(offsets.items())) or "-"
+
+
+def reset_group(settings: Settings, version: str) -> None:
+    """Forget the replay group's committed offsets (commits the beginning of each partition)."""
+    group = replay_group(settings, version)
+    consumer = Consumer(settings.consumer_config(group), logger=log)
+    try:
+        meta = consumer.list_topics(settings.topic_detections, timeout=10)
+        parts = sorted(meta.topics[settings.topic_detections].partitions)
+        starts = []
+        for p in parts:
+            low, _ = consumer.get_watermark_offsets(
+                TopicPartition(settings.topic_detections, p), timeout=10
+            )
+            starts.append(TopicPartition(settings.topic_detections, p, max(low, 0)))
+        consumer.commit(offsets=starts, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+# -- the benchmark ------------------------------------------------------------------------
+def replay_rate(
+    settings: Settings,
+    *,
+    events: int = 200,
+    embedder: Embedder | None = None,
+    weights_path: Path | None = None,
+    reference: int = 6982,
+) -> dict[str, Any]:
+    """Replay rate on the servers the settings name (an embedded stack is fine): a scratch
+    database and topic get ``events`` stored detections (synthetic photos, vectors of a
+    throwaway version), which a replay then re-embeds end to end (Kafka, decode, model,
+    Postgres, commits). Returns detections/s and the time extrapolated to ``reference``
+    detections (the design's reference migration); the scratch database is dropped."""
+    import psycopg
+    from confluent_kafka import Producer
+
+    from reid.matching import merge_centroid
+    from sinks.migrate import migrate
+    from sinks.records import DetectionRow
+    from streams.app import build_embedder
+    from streams.produce import detection_event
+    from streams.synthetic import synthetic_photos
+    from streams.topics import ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    base = settings.database_url.get_secret_value()
+    admin_url = base.rsplit("/", 1)[0] + "/postgres"
+    db_name = f"reid_replay_bench_{tag}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(db_name)))
+    db_url = base.rsplit("/", 1)[0] + "/" + db_name
+    s = settings.model_copy(
+        update={
+            "database_url": type(settings.database_url)(db_url),
+            "topic_detections": f"replay-bench-{tag}",
+            "group_id": f"replay-bench-{tag}",
+            "cache_key_prefix": f"replay-bench-{tag}",
+        }
+    )
+    try:
+        migrate(db_url)
+        ensure_topics(s.kafka_common(), [s.topic_detections], 1)
+        photos = synthetic_photos(events, max(1, events // 4), seed=11)
+        producer = Producer(s.producer_config())
+        rows: list[DetectionRow] = []
+        rng = np.random.default_rng(0)
+        now = datetime.now(UTC)
+        for i, (_label, jpeg) in enumerate(photos):
+            event = detection_event(jpeg, f"cam-{i % 4}", detection_id=f"bench-{i}")
+            value = json.dumps(event).encode()
+            producer.produce(s.topic_detections, value, key=event["camera_id"])
+            vec = rng.standard_normal((2, 512)).astype(np.float32)
+            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+            rows.append(DetectionRow(
+                detection_id=event["detection_id"], camera_id=event["camera_id"],
+                captured_at=now, deer_id=None, new_deer=i, is_new_deer=True, similarity=None,
+                score_resnet=None, score_effnet=None, embedding_resnet=vec[0],
+                embedding_effnet=vec[1], bbox=None, confidence=None, species=None,
+                source_topic=s.topic_detections, source_partition=0, source_offset=i,
+                processed_at=now, content_sha256=hashlib.sha256(value).digest(),
+            ))  # fmt: skip
+        producer.flush(30)
+        store = PgStore(db_url)
+        store.start()
+        try:
+            for start in range(0, len(rows), 64):
+                chunk = rows[start : start + 64]
+                for j, r in enumerate(chunk):
+                    r.new_deer = j
+                store.write_batch("bench-origin", len(chunk), chunk, merge_centroid)
+        finally:
+            store.stop()
+        own = embedder is None
+        emb = embedder if embedder is not None else build_embedder(s, weights_path=weights_path)
+        emb.start()
+        replayer = Replayer(
+            s, emb, version=emb.embedding_version, weights_path=weights_path,
+            progress=None, idle_s=0.5, follow_live=False,
+        )  # fmt: skip
+        replayer.start()
+        try:
+            stats = replayer.run(replayer.start_offsets(from_beginning=True), until_end=True)
+        finally:
+            replayer.stop()
+            if own:
+                emb.stop()
+        stored = stats.results.get("stored", 0)
+        rate = stored / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
+        return {
+            "events": events,
+            "stored": stored,
+            "elapsed_s": round(stats.elapsed_s, 2),
+            "detections_per_s": round(rate, 2),
+            f"extrapolated_{reference}_s": round(reference / rate, 1) if rate > 0 else None,
+            "embedding_version": emb.embedding_version,
+            "device": emb.device,
+            "batch_size": s.batch_max_size,
+        }
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    psycopg.sql.Identifier(db_name)
+                )
+            )

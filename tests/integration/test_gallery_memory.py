@@ -1,0 +1,358 @@
+"""The in-memory gallery against real PostgreSQL and Redis: it stays equal to the truth.
+
+Workers are driven like ``BatchProcessor`` drives them: load, match, ``write_batch`` (with the
+re-check under the advisory lock), then ``put`` of the committed centroids.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from reid.matching import Gallery, assign_batch, l2_normalise, merge_centroid
+from sinks.cache import CentroidCache
+from sinks.metrics import StreamMetrics
+from sinks.migrate import migrate
+from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow
+from sinks.store import PgStore
+from streams.gallery import GalleryLoader
+from streams.stack import free_port
+
+VERSION = "gallery-v1"
+DIM = 512
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told: refreshes happen when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Herd:
+    """Animals as random unit vectors; a sighting is the animal plus noise (cosine ~0.7)."""
+
+    def __init__(self, seed: int, animals: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.resnet = l2_normalise(self.rng.normal(size=(animals, DIM)))
+        self.effnet = l2_normalise(self.rng.normal(size=(animals, DIM)))
+        self.count = 0
+
+    def sightings(self, animals: list[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        def noisy(base: np.ndarray) -> np.ndarray:
+            return l2_normalise(base + self.rng.normal(size=base.shape) / np.sqrt(DIM))
+
+        ids = [f"det-{self.count + i}" for i in range(len(animals))]
+        self.count += len(animals)
+        return noisy(self.resnet[animals]), noisy(self.effnet[animals]), ids
+
+
+def rows_for(plan, r: np.ndarray, e: np.ndarray, ids: list[str]) -> list[DetectionRow]:
+    now = datetime.now(UTC)
+    return [
+        DetectionRow(
+            detection_id=ids[i], camera_id="cam-1", captured_at=now, deer_id=m.deer_id,
+            new_deer=m.new_deer if m.deer_id is None else None, is_new_deer=m.is_new_deer,
+            similarity=m.similarity, score_resnet=m.score_resnet, score_effnet=m.score_effnet,
+            embedding_resnet=r[i], embedding_effnet=e[i], bbox=None, confidence=None,
+            species=None, source_topic="detections", source_partition=0, source_offset=i,
+            processed_at=now,
+        )  # fmt: skip
+        for i, m in enumerate(plan.matches)
+    ]
+
+
+class Worker:
+    """One consumer's store, cache and gallery loader, used the way the processor uses them."""
+
+    def __init__(self, database_url: str, cache_url: str | None, prefix: str, **loader) -> None:
+        self.store = PgStore(database_url)
+        self.store.start()
+        self.cache = None
+        if cache_url is not None:
+            self.cache = CentroidCache(cache_url, key_prefix=prefix, socket_timeout=0.5)
+            self.cache.start()
+        self.metrics = StreamMetrics()
+        self.clock = FakeClock()
+        self.loader = GalleryLoader(self.store, self.cache, self.metrics, clock=self.clock, **loader)
+        self.replans = 0
+
+    def batch(self, r: np.ndarray, e: np.ndarray, ids: list[str]) -> BatchWriteResult:
+        known = self.loader.load(VERSION)
+
+        def plan_against(gallery: Gallery):
+            plan = assign_batch(r, e, gallery)
+            return len(plan.new_deer), rows_for(plan, r, e, ids)
+
+        def replan(others: list[DeerCentroid]):
+            self.replans += 1
+            return plan_against(self.loader.absorb(VERSION, others))
+
+        new_deer, rows = plan_against(known)
+        result = self.store.write_batch(
+            VERSION, new_deer, rows, merge_centroid,
+            known_deer_ids=known.deer_ids.tolist(), replan=replan,
+        )  # fmt: skip
+        self.loader.put(VERSION, result.centroids)
+        return result
+
+    def held(self) -> list[DeerCentroid]:
+        return self.loader._held[VERSION].matrix.centroids()
+
+    def counter(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels or None)
+        return value or 0.0
+
+    def stop(self) -> None:
+        if self.cache is not None:
+            self.cache.stop()
+        self.store.stop()
+
+
+def assert_same(got: list[DeerCentroid], want: list[DeerCentroid]) -> None:
+    assert [c.deer_id for c in got] == [c.deer_id for c in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.sightings == w.sightings, g.deer_id
+        np.testing.assert_array_equal(g.resnet, w.resnet)
+        np.testing.assert_array_equal(g.effnet, w.effnet)
+
+
+@pytest.fixture()
+def workers(database_url: str, redis_url: str, unique: str) -> Iterator[callable]:
+    migrate(database_url)
+    made: list[Worker] = []
+
+    def make(cache_url: str | None = redis_url, **loader) -> Worker:
+        loader.setdefault("reload_s", 0)
+        w = Worker(database_url, cache_url, f"gal-{unique}", **loader)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def test_memory_after_batches_equals_a_fresh_load(workers) -> None:
+    herd = Herd(seed=1, animals=40)
+    a = workers(refresh_s=3600)  # no refresh: memory is kept by its own puts alone
+    assert len(a.loader.load(VERSION)) == 0
+    assert a.counter("reid_cache_requests_total", result="miss") == 1  # cold version
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        r, e, ids = herd.sightings(list(rng.integers(0, 40, size=16)))
+        a.batch(r, e, ids)
+
+    truth = a.store.load_centroids(VERSION)
+    assert len(truth) >= 20 and max(c.sightings for c in truth) >= 3
+    assert_same(a.held(), truth)
+    view = a.loader.load(VERSION)
+    assert sorted(view.deer_ids.tolist()) == [c.deer_id for c in truth]
+    assert view.resnet.base is not None  # a view of the matrices, not a copy
+
+    # A second worker reads the same version from Redis: all hits, equal to Postgres too.
+    b = workers(refresh_s=3600)
+    b.loader.load(VERSION)
+    assert b.counter("reid_cache_requests_total", result="hit") == len(truth)
+    assert b.counter("reid_cache_requests_total", result="miss") == 0
+    assert_same(b.held(), truth)
+
+
+def test_deer_written_by_another_worker_appear_after_the_refresh(workers) -> None:
+    herd = Herd(seed=3, animals=30)
+    a = workers(refresh_s=5)
+    b = workers(refresh_s=5)
+    r, e, ids = herd.sightings(list(range(10)))
+    a.batch(r, e, ids)
+    assert len(a.loader.load(VERSION)) == 10
+    b.loader.load(VERSION)
+
+    # b sees animals 0-4 again (moving those deer) and 10-14 for the first time.
+    r, e, ids = herd.sightings([0, 1, 2, 3, 4, 10, 11, 12, 13, 14])
+    result = b.batch(r, e, ids)
+    assert len(result.new_deer_ids) == 5
+
+    assert len(a.loader.load(VERSION)) == 10  # no refresh due yet: memory as it was
+    a.clock.advance(5)
+    view = a.loader.load(VERSION)
+    assert len(view) == 15
+    assert_same(a.held(), a.store.load_centroids(VERSION))
+
+    # a's next batch joins b's deer instead of creating them again (no re-plan needed).
+    r, e, ids = herd.sightings([10, 11, 12])
+    result = a.batch(r, e, ids)
+    assert result.new_deer_ids == [] and a.replans == 0
+
+
+def test_refresh_margin_catches_a_transaction_that_committed_after_the_read(
+    workers, database_url: str
+) -> None:
+    herd = Herd(seed=4, animals=10)
+    a = workers(refresh_s=0)  # default margin: 60 s
+    blind = workers(refresh_s=0, refresh_margin_s=0)
+    r, e, ids = herd.sightings(list(range(4)))
+    a.batch(r, e, ids)
+    a.loader.load(VERSION)
+    blind.loader.load(VERSION)
+    moved = a.held()[0]
+
+    # "Another worker" whose transaction started before the refreshes below and commits after
+    # them: its rows carry its start time (now()) as updated_at.
+    rng = np.random.default_rng(5)
+    new_r, new_e = l2_normalise(rng.normal(size=(2, DIM)))
+    with psycopg.connect(database_url) as conn:
+        register_vector(conn)
+        new_id = conn.execute(
+            "INSERT INTO deer (id, embedding_version, sightings, first_seen, last_seen) "
+            "VALUES (nextval('deer_id_seq'), %s, 1, now(), now()) RETURNING id",
+            (VERSION,),
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO deer_centroids (deer_id, embedding_version, centroid_resnet, "
+            "centroid_effnet, vectors) VALUES (%s, %s, %s, %s, 1)",
+            (new_id, VERSION, new_r, new_e),
+        )
+        conn.execute(
+            "UPDATE deer_centroids SET centroid_resnet = %s, vectors = vectors + 1, "
+            "updated_at = now() WHERE embedding_version = %s AND deer_id = %s",
+            (new_e, VERSION, moved.deer_id),
+        )
+        assert len(a.loader.load(VERSION)) == 4  # not committed yet
+        assert len(blind.loader.load(VERSION)) == 4
+    # committed here
+    view = a.loader.load(VERSION)
+    assert new_id in view.deer_ids.tolist()
+    got = {c.deer_id: c for c in a.held()}
+    assert got[moved.deer_id].sightings == moved.sightings + 1
+    np.testing.assert_array_equal(got[moved.deer_id].resnet, new_e)
+    assert_same(a.held(), a.store.load_centroids(VERSION))
+    # Without the margin the refresh misses it: its updated_at is before the previous read.
+    assert new_id not in blind.loader.load(VERSION).deer_ids.tolist()
+
+
+class RedisProxy:
+    """A TCP forwarder in front of the real Redis: ``down()`` cuts every connection and
+    refuses new ones, ``up()`` serves again on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_redis_down_falls_back_to_postgres_and_recovers(
+    workers, redis_url: str, unique: str
+) -> None:
+    proxy = RedisProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        herd = Herd(seed=6, animals=30)
+        a = workers(cache_url=proxy.url, refresh_s=3600)
+        rng = np.random.default_rng(7)
+        a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))
+        assert a.counter("reid_cache_errors_total") == 0
+
+        proxy.down()
+        a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))  # its cache write fails
+        errors = a.counter("reid_cache_errors_total")
+        assert errors >= 1
+        a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))  # load retries Redis
+        assert a.counter("reid_cache_errors_total") > errors
+        assert_same(a.held(), a.store.load_centroids(VERSION))  # memory never went wrong
+
+        # A worker starting while Redis is down reads Postgres, and counts the failure.
+        b = workers(cache_url=proxy.url, refresh_s=3600)
+        b.loader.load(VERSION)
+        assert b.counter("reid_cache_errors_total") >= 1
+        assert_same(b.held(), b.store.load_centroids(VERSION))
+
+        proxy.up()
+        misses = a.counter("reid_cache_requests_total", result="miss")
+        a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))
+        # Redis answered: the version was dropped there, reloaded from Postgres (every deer
+        # a miss) and written back in full, then the batch's own write went through.
+        truth = a.store.load_centroids(VERSION)
+        assert a.counter("reid_cache_requests_total", result="miss") >= misses + len(truth) - 12
+        assert_same(a.held(), truth)
+        direct = CentroidCache(redis_url, key_prefix=f"gal-{unique}")
+        direct.start()
+        try:
+            read = direct.get_all(VERSION)
+        finally:
+            direct.stop()
+        assert read is not None and read.missing_ids == []
+        assert_same(sorted(read.centroids, key=lambda c: c.deer_id), truth)
+    finally:
+        proxy.down()
+
+
+def test_forget_drops_memory_and_a_later_load_reads_again(workers) -> None:
+    herd = Herd(seed=8, animals=5)
+    a = workers(refresh_s=3600)
+    a.batch(*herd.sightings([0, 1, 2]))
+    assert a.loader.versions() == [VERSION]
+    a.loader.forget(VERSION)
+    assert a.loader.versions() == []
+    hits = a.counter("reid_cache_requests_total", result="hit")
+    assert len(a.loader.load(VERSION)) == 3
+    assert a.counter("reid_cache_requests_total", result="hit") == hits + 3
