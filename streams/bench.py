@@ -46,6 +46,9 @@ from streams.produce import detection_event
 log = logging.getLogger(__name__)
 
 
+SECTIONS = ("model", "stream", "naive", "latency", "precision", "matching", "replay")
+
+
 @dataclass(frozen=True)
 class BenchPlan:
     """What to measure; ``quick()`` is the few-seconds version the test suite runs."""
@@ -56,7 +59,6 @@ class BenchPlan:
     stream_events: int = 320
     naive_events: int = 48
     runners: tuple[str, ...] = ("confluent", "faust")
-    backends: tuple[str, ...] = ("torch", "onnx")
     model_seconds: float = 6.0
     deer_counts: tuple[int, ...] = (1_000, 10_000, 100_000)
     search_sizes: tuple[int, ...] = (100_000,)
@@ -68,7 +70,7 @@ class BenchPlan:
     def quick(cls) -> BenchPlan:
         return cls(
             input_size=64, batch_sizes=(1, 8), stream_batch=8, stream_events=32, naive_events=8,
-            backends=("torch",), model_seconds=0.5, deer_counts=(1_000,), search_sizes=(2_000,),
+            model_seconds=0.3, deer_counts=(1_000,), search_sizes=(2_000,),
             latency_seconds=3.0, replay_events=16, individuals=6,
         )  # fmt: skip
 
@@ -261,35 +263,30 @@ def _pace(start: float, index: int, rate: float) -> None:
 
 
 # -- the sections -------------------------------------------------------------------------
-def model_section(report: BenchReport, plan: BenchPlan, embedder_for: Callable[..., Any]) -> None:
-    try:
-        from reid.throughput import model_throughput
-    except ImportError as err:
-        report.notes.append(f"model throughput not measured: {err}")
-        return
-    for backend in plan.backends:
-        try:
-            embedder = embedder_for(backend=backend)
-        except Exception as err:  # e.g. onnxruntime not installed
-            report.notes.append(f"backend {backend} not measured: {err}")
-            continue
-        for row in model_throughput(
-            embedder, batch_sizes=plan.batch_sizes, seconds=plan.model_seconds
-        ):
-            report.add("model", {"backend": backend, **row})
-        embedder.stop()
+def model_section(report: BenchReport, plan: BenchPlan, embedder: Any) -> None:
+    """Every backend this machine has (eager PyTorch and onnxruntime on a CPU; fp32 and fp16
+    on a GPU), each backbone alone and the ensemble, at each batch size."""
+    from reid.throughput import model_throughput
+
+    for row in model_throughput(embedder, batch_sizes=plan.batch_sizes, seconds=plan.model_seconds):
+        report.add("model", {k: _rounded(v) for k, v in row.items()})
+
+
+def throughput_backend(embedder: Any) -> str:
+    """The name `reid.throughput` gives the backend the stream runs on."""
+    device = "cuda" if str(embedder.device).startswith("cuda") else "cpu"
+    return f"{getattr(embedder, 'backend', 'torch')}-{device}-{embedder.precision}"
 
 
 def raw_ensemble_rate(report: BenchReport, backend: str, batch: int) -> float | None:
     for row in report.sections.get("model", []):
-        if (
-            row.get("backend") == backend
-            and row.get("part") == "ensemble"
-            and row.get("batch") == batch
-            and row.get("precision", "fp32") in ("fp32", "fp16")
-        ):
+        if row["backend"] == backend and row["part"] == "ensemble" and row["batch"] == batch:
             return float(row["images_per_s"])
     return None
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def stream_section(
@@ -389,6 +386,41 @@ def replay_section(
     report.add("replay", row)
 
 
+def precision_section(
+    report: BenchReport, settings: Any, embedder: Any, photos: list[bytes]
+) -> None:
+    """fp16 (and bf16) against fp32 on the same crops: cosine per detection and the share of
+    identical assignment decisions. Needs CUDA; on a CPU the row says it was skipped."""
+    import torch
+
+    from reid.precision import compare_precisions
+    from reid.preprocess import decode_image
+    from streams.app import build_embedder
+
+    images = torch.stack([embedder.preprocess.to_uint8(decode_image(p)) for p in photos])
+    if not torch.cuda.is_available():
+        report.add("precision", {"precision": "fp16", "n": len(images),
+                                 "skipped": "no CUDA device on this machine"})  # fmt: skip
+        return
+    fp32 = build_embedder(settings.model_copy(update={"precision": "fp32"}))
+    for precision in ("fp16", "bf16"):
+        half = build_embedder(settings.model_copy(update={"precision": precision}))
+        result = compare_precisions(fp32, half, images, threshold=settings.threshold)
+        half.stop()
+        report.add("precision", {"precision": precision, **_flat(result)})
+    fp32.stop()
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}_"))
+        else:
+            out[f"{prefix}{key}"] = _rounded(value)
+    return out
+
+
 def memory_section(report: BenchReport) -> None:
     import torch
 
@@ -428,7 +460,7 @@ def run_bench(
     from streams.app import build_embedder
     from streams.settings import load_settings
 
-    wanted = set(sections or ("model", "stream", "naive", "latency", "matching", "replay"))
+    wanted = set(sections or SECTIONS)
     report = BenchReport(machine_info(), plan={k: v for k, v in plan.__dict__.items()})
     with bench_servers(use_env) as servers:
         base = {**servers, "metrics_port": 0, "input_size": plan.input_size}
@@ -454,10 +486,10 @@ def run_bench(
             embedder.start()
             return embedder
 
-        if "model" in wanted:
-            model_section(report, plan, embedder_for)
-        backend = getattr(settings, "backend", "torch")
         embedder = embedder_for()
+        backend = throughput_backend(embedder)
+        if "model" in wanted:
+            model_section(report, plan, embedder)
         try:
             best = None
             if "stream" in wanted:
@@ -469,6 +501,8 @@ def run_bench(
             if "latency" in wanted and best:
                 latency_section(report, plan, settings_for, embedder, photos, best)
             memory_section(report)
+            if "precision" in wanted:
+                precision_section(report, settings, embedder, photos[:64])
         finally:
             embedder.stop()
         if "matching" in wanted:
@@ -512,7 +546,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", type=Path, default=Path("bench.json"), help="where the figures go (JSON)")
     add("--use-env", action="store_true", help="servers named by the settings, not embedded")
     add("--images", type=Path, default=None, help="crops to feed (default: synthetic)")
-    add("--sections", default=None, help="comma list: model,stream,naive,latency,matching,replay")
+    add("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}")
     add("--events", type=int, default=None, help="events per stream run")
     add("--search-sizes", default=None, help="comma list of stored detections for HNSW search")
 

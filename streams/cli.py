@@ -82,7 +82,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     app.start()
     try:
-        app.consumer.run()
+        if args.runner == "confluent":
+            # Switches to a newly activated embedding version between batches (`activate`).
+            app.consumer.run(between_batches=app.between_batches)
+        else:  # the faust runner has no between-batches hook (yet): restart to switch
+            app.consumer.run()
     finally:
         app.stop()
     return 0
@@ -180,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=None, help="number of events")
     p.add_argument("--state", type=Path, default=None, help="stack folder (default: temporary)")
     p.set_defaults(func=cmd_demo)
+
+    # replay, validate, activate, versions, drop-version (README "Replay and model versions")
+    from streams.versions import add_version_commands
+
+    add_version_commands(sub)
     return parser
 
 

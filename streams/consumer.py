@@ -78,7 +78,7 @@ class StreamConsumer:
         )  # fmt: skip
 
     def request_stop(self) -> None:
-        """Finish the batches in hand, commit them, then leave the loop (safe from signal
+        """Finish the batches in flight, commit them, then leave the loop (safe from signal
         handlers and other threads)."""
         self._stop.set()
 
@@ -174,8 +174,7 @@ class StreamConsumer:
         self.pipeline.resume()
 
     def _drain(self) -> None:
-        """On stop: finish the batches already embedded, skip the others, commit."""
-        self.pipeline.skip_unembedded()
+        """On stop: finish every batch in flight (at most the pipeline depth), commit them."""
         while self.pipeline.in_flight:
             self.pipeline.wait(0.2)
             self._settle()

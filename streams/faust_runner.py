@@ -28,11 +28,14 @@ What Faust does not guarantee (open issues of faust-streaming on this path): off
 gap in a partition (compaction, transaction markers) may stay uncommitted, and events can be
 processed twice after a rebalance (messages of an old generation, eager revocation). Both mean
 redelivery, never loss; the store is idempotent on ``detection_id`` and a redelivered event
-republishes the stored assignment byte for byte, so duplicates are harmless. Unlike the
-confluent runner this one does not export the consumer lag gauge (it sets
-``reid_assigned_partitions``), translates only the SASL/SSL entries of ``REID_KAFKA_OPTIONS``,
-and joins a group with Faust's own assignor (eager, not cooperative-sticky): do not mix the two
-runners in one consumer group.
+republishes the stored assignment byte for byte, so duplicates are harmless.
+
+Unlike the confluent runner this one runs one batch at a time (no pipeline), does not export the
+consumer lag gauge (it sets ``reid_assigned_partitions``), translates only the SASL/SSL entries
+of ``REID_KAFKA_OPTIONS``, and joins the group with Faust's own assignor (eager, not
+cooperative-sticky): do not mix the two runners in one consumer group. On the tansu broker a
+group's first generation is 0, for which aiokafka sends no LeaveGroup on stop, so the next
+member's join waits out the session timeout.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ _TRANSLATED = {"security.protocol", "sasl.mechanism", "sasl.username", "ssl.ca.l
 
 class FaustRunner:
     """Same contract as :class:`streams.consumer.StreamConsumer`: ``start()``, a blocking
-    ``run(on_batch)``, ``request_stop()`` from any thread or a signal handler, ``stop()``."""
+    ``run(on_batch, between_batches=...)``, ``request_stop()`` from any thread or a signal
+    handler, ``stop()``."""
 
     def __init__(
         self,
@@ -88,7 +92,9 @@ class FaustRunner:
         self._stop = threading.Event()
         self._in_batch = False
         self._error: BaseException | None = None
-        self._app: faust.App | None = None
+        self._on_batch: Callable[[BatchOutcome], None] | None = None
+        self._between_batches: Callable[[], None] | None = None
+        self._executor: ThreadPoolExecutor | None = None  # run()'s batch thread
 
     def start(self) -> None:
         import faust  # noqa: F401  (fail here, before the model loads, when the extra is missing)
@@ -111,35 +117,39 @@ class FaustRunner:
         """Nothing left to close: ``run`` stops the Faust app (and leaves the group) on its way
         out."""
 
-    def run(self, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
-        """Consume until :meth:`request_stop`; raises what crashed the processor or the app."""
+    def run(
+        self,
+        on_batch: Callable[[BatchOutcome], None] | None = None,
+        *,
+        between_batches: Callable[[], None] | None = None,
+    ) -> None:
+        """Consume until :meth:`request_stop`; raises what crashed the processor or the app.
+        ``on_batch`` gets each committed batch's outcome (in the event loop's thread);
+        ``between_batches`` runs in the batch thread between batches and every poll while
+        idle (e.g. to switch the embedding version), never while a batch is processed."""
+        self._on_batch = on_batch
+        self._between_batches = between_batches
         datadir = tempfile.mkdtemp(prefix="reid-faust-")  # Faust wants one; we keep no tables
         # One thread: batches never overlap, and a batch still running when the loop is
         # cancelled is waited for before the processor can be stopped.
-        executor = ThreadPoolExecutor(1, thread_name_prefix="faust-batch")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faust-batch")
         loop = asyncio.new_event_loop()
         try:
             asyncio.set_event_loop(loop)
-            loop.run_until_complete(self._main(loop, executor, on_batch, datadir))
+            loop.run_until_complete(self._main(datadir))
         finally:
             _cancel_leftovers(loop)
             loop.close()
             asyncio.set_event_loop(None)
-            executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
+            self._executor = None
             shutil.rmtree(datadir, ignore_errors=True)
         if self._error is not None:
             raise self._error
 
     # -- the app ----------------------------------------------------------------------------
-    async def _main(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor,
-        on_batch: Callable[[BatchOutcome], None] | None,
-        datadir: str,
-    ) -> None:
+    async def _main(self, datadir: str) -> None:
         app = build_app(self.settings, self.group_id, datadir)
-        self._app = app
         topic = app.topic(
             self.settings.topic_detections,
             key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -148,48 +158,55 @@ class FaustRunner:
 
         async def batches(stream: faust.StreamT) -> None:
             async for events in stream.noack_take(size, within=within):
-                await self._handle(app, stream, events, loop, executor, on_batch)
+                await self._handle(app, stream, events)
 
         app.agent(topic, name="reid-batches", concurrency=1)(batches)
         await app.start()
         try:
             while not self._stop.is_set() and not app.should_stop:
                 self.metrics.assigned_partitions.set(len(app.consumer.assignment()))
+                if not self._in_batch:
+                    await self._in_thread(self._idle)
                 await asyncio.sleep(_POLL_S)
             while self._in_batch and not app.should_stop:  # the batch in hand, to its commit
                 await asyncio.sleep(_POLL_S / 5)
+        except Exception as err:  # from between_batches: ends run() like a batch error
+            log.exception("faust: between batches failed; stopping")
+            self._error = self._error or err
         finally:
             crashed = app.crashed
             await app.stop()
-            self._app = None
         if crashed and self._error is None:
             self._error = RuntimeError(f"faust app crashed: {app.crash_reason!r}")
         log.info("faust: stopped")
 
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _idle(self) -> None:
+        if self._between_batches is not None:
+            self._between_batches()
+
     async def _handle(
-        self,
-        app: faust.App,
-        stream: faust.StreamT,
-        events: Sequence[faust.EventT],
-        loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor,
-        on_batch: Callable[[BatchOutcome], None] | None,
+        self, app: faust.App, stream: faust.StreamT, events: Sequence[faust.EventT]
     ) -> None:
         if self._stop.is_set():
             _forget(app, events)  # taken after the stop request: left for redelivery
             return
         self._in_batch = True
         try:
+            await self._in_thread(self._idle)
             messages = [_source(e.message) for e in events]
-            outcome = await self._process_with_retry(app, messages, loop, executor)
+            outcome = await self._process_with_retry(app, messages)
             if outcome is None:
                 _forget(app, events)
                 return
             for event in events:
                 await stream.ack(event)
             await self._commit(app)
-            if on_batch is not None:
-                on_batch(outcome)
+            if self._on_batch is not None:
+                self._on_batch(outcome)
         except Exception as err:  # the confluent runner lets these end run(); so do we
             log.exception("faust: batch failed; stopping")
             _forget(app, events)
@@ -199,11 +216,7 @@ class FaustRunner:
             self._in_batch = False
 
     async def _process_with_retry(
-        self,
-        app: faust.App,
-        messages: list[SourceMessage],
-        loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor,
+        self, app: faust.App, messages: list[SourceMessage]
     ) -> BatchOutcome | None:
         """The batch's outcome, or None when it was abandoned (stop requested, or a rebalance
         started while an outage kept it from being written)."""
@@ -211,7 +224,7 @@ class FaustRunner:
         attempt = 0
         while True:
             try:
-                return await loop.run_in_executor(executor, self.processor.process, messages)
+                return await self._in_thread(self.processor.process, messages)
             except (StoreUnavailable, PublishError, KafkaException) as err:
                 self.metrics.store_errors.inc()
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]

@@ -72,7 +72,6 @@ class Pipeline:
         self._cond = threading.Condition()
         self._in_flight = 0
         self._halted = threading.Event()
-        self._skip_unembedded = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -128,12 +127,6 @@ class Pipeline:
             self._done.clear()
         return done
 
-    def skip_unembedded(self) -> None:
-        """On stop: batches not embedded yet are abandoned instead of processed, so that a
-        shutdown finishes only the batches in hand. They are the newest, so the offsets the
-        runner commits stay contiguous."""
-        self._skip_unembedded.set()
-
     def halt(self) -> None:
         self._halted.set()
 
@@ -168,13 +161,13 @@ class Pipeline:
                 self._complete(job)
 
     def _prepare(self, job: _Job) -> None:
-        if self._halted.is_set() or self._skip_unembedded.is_set():
+        if self._halted.is_set():
             job.abandoned = True
             return
         job.batch = self.processor.prepare(job.messages)
 
     def _embed(self, job: _Job) -> None:
-        if self._halted.is_set() or self._skip_unembedded.is_set():
+        if self._halted.is_set():
             job.abandoned = True
             return
         assert job.batch is not None

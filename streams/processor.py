@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 import torch
 
 from reid.embedder import Embedder, Embeddings
+from reid.gpu_decode import decode_crops
 from reid.matching import BatchAssignment, Gallery, assign_batch, merge_centroid
-from reid.preprocess import ImageError, crop, decode_image
+from reid.preprocess import ImageError, Preprocess, crop, decode_image
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.records import DeerCentroid, DetectionRow, StoredAssignment
@@ -98,7 +99,8 @@ class PreparedBatch:
     firsts: list[_Pending]  # first occurrence of each detection_id, in batch order
     repeats: list[_Pending]  # later occurrences in the same batch
     undecodable: dict[str, InvalidEvent]  # detection_id -> why its image failed
-    embedder: Embedder | None = None  # the one that embedded it (its version is the batch's)
+    embedder: Embedder | None = None  # the one that embeds it (its version is the batch's)
+    pixels: torch.Tensor | None = None  # uint8 [n, 3, H, W] of the decoded firsts, by row
     vectors: Embeddings | None = None
 
     @property
@@ -153,21 +155,21 @@ class BatchProcessor:
     def prepare(self, messages: Sequence[SourceMessage]) -> PreparedBatch:
         """Parse every message and decode the images of the valid ones (no store access)."""
         batch = PreparedBatch(next(self._batches), messages, [], [], [], {})
+        # Pinned here: the batch is decoded for this model's input and embedded by it.
+        batch.embedder = self.embedder
         if messages:
             self._parse(batch)
             self._decode(batch)
+            self._stack(batch)
         return batch
 
     def embed(self, batch: PreparedBatch) -> PreparedBatch:
-        """Embed the decoded images with the current embedder."""
-        batch.embedder = self.embedder
-        decoded = [p for p in batch.firsts if p.pixels is not None]
-        if decoded:
+        """Embed the decoded images with the embedder the batch was prepared for."""
+        assert batch.embedder is not None, "prepare() first"
+        if batch.pixels is not None:
             with self._stage("embed"):
-                batch.vectors = batch.embedder.embed(torch.stack([p.pixels for p in decoded]))
-            for row, item in enumerate(decoded):
-                item.row = row
-                item.pixels = None  # the pixels are not needed any more; free them early
+                batch.vectors = batch.embedder.embed(batch.pixels)
+            batch.pixels = None  # not needed any more; free them early
         return batch
 
     def finish(self, batch: PreparedBatch) -> BatchOutcome:
@@ -284,23 +286,71 @@ class BatchProcessor:
     def _decode(self, batch: PreparedBatch) -> None:
         """Read, decode, crop and resize in the thread pool; failures are kept per event
         (dead-lettered by ``finish`` unless the event turns out to be stored already)."""
-        assert self._pool is not None, "start() the processor first"
+        assert self._pool is not None and batch.embedder is not None, "start() first"
         t0 = time.perf_counter()
-        futures = [self._pool.submit(self._pixels, item.event) for item in batch.firsts]
-        for item, future in zip(batch.firsts, futures, strict=True):
-            try:
-                item.pixels = future.result()
-            except InvalidEvent as err:
-                batch.undecodable[item.event.detection_id] = err
+        embedder = batch.embedder
+        if self._decode_on_device(embedder):
+            self._decode_on_gpu(batch, embedder)
+        else:
+            preprocess = embedder.preprocess
+            futures = [self._pool.submit(self._pixels, p.event, preprocess) for p in batch.firsts]
+            for item, future in zip(batch.firsts, futures, strict=True):
+                try:
+                    item.pixels = future.result()
+                except InvalidEvent as err:
+                    batch.undecodable[item.event.detection_id] = err
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
 
-    def _pixels(self, event: DetectionEvent) -> torch.Tensor:
+    def _stack(self, batch: PreparedBatch) -> None:
+        """One uint8 tensor of the decoded crops, each item knowing its row. For a GPU model it
+        is in pinned memory, so that its copy to the device does not block the host."""
+        assert batch.embedder is not None
+        decoded = [p for p in batch.firsts if p.pixels is not None]
+        if not decoded:
+            return
+        stacked = torch.stack([p.pixels for p in decoded])  # type: ignore[misc]
+        if stacked.device.type == "cpu" and batch.embedder.device.startswith("cuda"):
+            stacked = stacked.pin_memory()
+        for row, item in enumerate(decoded):
+            item.row = row
+            item.pixels = None
+        batch.pixels = stacked
+
+    def _pixels(self, event: DetectionEvent, preprocess: Preprocess) -> torch.Tensor:
         data = image_bytes(event, self.roots)
         try:
             image = crop(decode_image(data, max_pixels=self.settings.max_image_pixels), event.bbox)
         except ImageError as err:
             raise InvalidEvent(err.reason, str(err)) from None
-        return self.embedder.preprocess.to_uint8(image)
+        return preprocess.to_uint8(image)
+
+    def _decode_on_device(self, embedder: Embedder) -> bool:
+        mode = self.settings.gpu_decode
+        return mode == "on" or (mode == "auto" and embedder.device.startswith("cuda"))
+
+    def _decode_on_gpu(self, batch: PreparedBatch, embedder: Embedder) -> None:
+        """nvJPEG on the model's device: files are read in the pool, the JPEGs decoded,
+        cropped and resized as one batch on the GPU (others fall back to the CPU path)."""
+        assert self._pool is not None
+        futures = [self._pool.submit(image_bytes, p.event, self.roots) for p in batch.firsts]
+        readable: list[tuple[_Pending, bytes]] = []
+        for item, future in zip(batch.firsts, futures, strict=True):
+            try:
+                readable.append((item, future.result()))
+            except InvalidEvent as err:
+                batch.undecodable[item.event.detection_id] = err
+        if not readable:
+            return
+        decoded = decode_crops(
+            [data for _, data in readable], [item.event.bbox for item, _ in readable],
+            embedder.preprocess.input_size, device=embedder.device,
+            max_pixels=self.settings.max_image_pixels,
+        )  # fmt: skip
+        for k, index in enumerate(decoded.index):
+            readable[index][0].pixels = decoded.images[k]
+        for index, err in decoded.errors.items():
+            item = readable[index][0]
+            batch.undecodable[item.event.detection_id] = InvalidEvent(err.reason, str(err))
 
     def _match_persist(
         self, batch: PreparedBatch, items: list[_Pending], outcome: BatchOutcome

@@ -138,7 +138,8 @@ class Progress:
         if total:
             width = 30
             filled = int(width * done / total)
-            bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({100 * done / total:.0f}%)"
+            bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            bar += f" ({100 * done / total:.0f}%)"
         else:
             bar = f"{done} events"
         eta = "?" if remaining is None or rate <= 0 else _duration(remaining / rate)
@@ -150,8 +151,8 @@ class Progress:
         self.stream.flush()
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+def _duration(value: float) -> str:
+    seconds = round(value)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -332,7 +333,8 @@ class Replayer:
             self.metrics.embedding_info.info({"embedding_version": self.version, "role": "replay"})
         self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
         held: set[int] = set()  # partitions paused at the live group's committed offset
-        caps: dict[int, int] = {}
+        caps: dict[int, int] | None = None
+        ends: dict[int, int] = {}
         next_cap = 0.0
         last_message = time.monotonic()
         log.info("replay: version=%s group=%s from %s", self.version, self.group,
@@ -341,12 +343,12 @@ class Replayer:
             now = time.monotonic()
             if now >= next_cap:
                 caps = self._live_caps()
+                ends = self._ends(caps)
                 next_cap = now + CAP_REFRESH_S
-                release = [p for p in held if caps.get(p, -1) > positions[p]]
+                release = [p for p in held if caps is None or caps[p] > positions[p]]
                 if release:
                     self._consumer.resume([TopicPartition(self.topic, p) for p in release])
                     held.difference_update(release)
-            ends = self._ends(caps)
             remaining = sum(max(0, ends[p] - positions[p]) for p in self._partitions)
             self.metrics.replay_remaining.set(remaining)
             if self.progress is not None:
@@ -390,25 +392,30 @@ class Replayer:
             out[p] = offset
         return out
 
-    def _live_caps(self) -> dict[int, int]:
-        """The live group's committed offset per partition (those it committed)."""
+    def _live_caps(self) -> dict[int, int] | None:
+        """The live group's committed offset per partition (0 where it committed none: it
+        stored nothing there), or None when the live group has committed nothing at all (or
+        the replay does not follow it): then nothing is held back."""
         if self._live is None:
-            return {}
+            return None
         try:
             committed = self._live.committed(
                 [TopicPartition(self.topic, p) for p in self._partitions], timeout=10
             )
         except Exception as err:  # the broker is unreachable: keep going, re-read soon
             log.warning("replay: cannot read the live group's offsets: %s", err)
-            return {}
-        return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+            return None
+        caps = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+        if not caps:
+            return None
+        return {p: caps.get(p, 0) for p in self._partitions}
 
-    def _ends(self, caps: dict[int, int]) -> dict[int, int]:
+    def _ends(self, caps: dict[int, int] | None) -> dict[int, int]:
         """Where the replay is done per partition: the live cap, else the end offset."""
         assert self._consumer is not None
         ends = {}
         for p in self._partitions:
-            if p in caps:
+            if caps is not None:
                 ends[p] = caps[p]
                 continue
             _, high = self._consumer.get_watermark_offsets(
@@ -418,7 +425,7 @@ class Replayer:
         return ends
 
     def _window(
-        self, positions: dict[int, int], caps: dict[int, int], held: set[int]
+        self, positions: dict[int, int], caps: dict[int, int] | None, held: set[int]
     ) -> list[Any]:
         """Up to a batch of messages, none at or beyond the live group's committed offset:
         a partition that reached it is rewound to it and paused until the live group moves."""
@@ -440,7 +447,7 @@ class Replayer:
             p = msg.partition()
             if p in stopped:
                 continue
-            if self.follow_live and (p not in caps or msg.offset() >= caps[p]) and caps:
+            if caps is not None and msg.offset() >= caps[p]:
                 # Not stored by the live consumer yet: come back for it later.
                 tp = TopicPartition(self.topic, p, msg.offset())
                 self._consumer.seek(tp)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         3, ge=1, le=16,
         description="Batches in flight at once (decode, embed, write overlap); 1 = one at a time",
     )  # fmt: skip
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        "auto", description="Decode JPEG crops on the model's GPU (auto = when it runs on CUDA)"
+    )
     decode_workers: int = Field(
         0, ge=0, description="Threads decoding and cropping images (0 = one per core)"
     )

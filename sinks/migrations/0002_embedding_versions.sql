@@ -50,6 +50,8 @@ CREATE TABLE detection_vectors (
 );
 
 CREATE INDEX detection_vectors_detection_idx ON detection_vectors (detection_id);
+-- The in-memory gallery's refresh reads the centroids written since a time (streams.gallery).
+CREATE INDEX deer_centroids_updated_idx ON deer_centroids (embedding_version, updated_at);
 
 -- Inline vectors, as in 0001 (exact search is 10x slower out of line).
 ALTER TABLE deer_centroids ALTER COLUMN centroid_resnet SET STORAGE PLAIN;
@@ -91,6 +93,9 @@ ALTER TABLE detections ALTER COLUMN embedding_effnet DROP NOT NULL;
 -- Per-version HNSW indexes (partial, WHERE embedding_version = '<V>') are created by the
 -- application when a version is registered (sinks.versions.ensure_indexes), since their
 -- names and predicates depend on the version; here, for the versions that already exist.
+-- The deferred foreign keys of the rows moved above are checked now, before the DDL.
+SET CONSTRAINTS ALL IMMEDIATE;
+
 DO $$
 DECLARE
     v text;

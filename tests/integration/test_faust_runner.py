@@ -36,9 +36,11 @@ class Recorder:
         self.attempts = 0
         self.handled: list[tuple[int, int]] = []
         self.batches = 0
+        self.threads: set[str] = set()
 
     def process(self, messages: Sequence[SourceMessage]) -> BatchOutcome:
         self.attempts += 1
+        self.threads.add(threading.current_thread().name)
         if self.fail is not None:
             self.fail(self.attempts)
         self.batches += 1
@@ -67,8 +69,12 @@ def run(
     recorder: Recorder,
     until: Callable[[FaustRunner, BatchOutcome], bool],
     metrics: StreamMetrics | None = None,
+    between_batches: Callable[[], None] | None = None,
+    on_start: Callable[[FaustRunner], None] | None = None,
 ) -> FaustRunner:
     runner = FaustRunner(settings, recorder, metrics or StreamMetrics())  # type: ignore[arg-type]
+    if on_start is not None:
+        on_start(runner)
     runner.start()
     watchdog = threading.Timer(RUN_BOUND_S, runner.request_stop)
     watchdog.start()
@@ -78,7 +84,7 @@ def run(
             runner.request_stop()
 
     try:
-        runner.run(on_batch)
+        runner.run(on_batch, between_batches=between_batches)
     finally:
         watchdog.cancel()
     return runner
@@ -103,10 +109,17 @@ def by_partition(handled: list[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 def test_commits_each_batch_and_a_restart_resumes_there(settings: Settings) -> None:
-    first = Recorder()
+    holder: list[FaustRunner] = []
+
+    def stop_mid_third_batch(attempt: int) -> None:
+        if attempt == 3:
+            holder[0].request_stop()  # as SIGTERM would, while the batch is being processed
+
+    first = Recorder(stop_mid_third_batch)
     metrics = StreamMetrics()
-    run(settings, first, lambda _r, _o: first.batches >= 3, metrics)
-    # Stopped after three batches: exactly what was handled is committed, nothing after it.
+    run(settings, first, lambda r, _o: bool(holder.append(r)), metrics, on_start=holder.append)
+    # The batch in hand was finished and committed; nothing after it was handled.
+    assert first.batches == 3
     done = by_partition(first.handled)
     assert sum(len(v) for v in done.values()) < EVENTS
     for offsets in done.values():
@@ -131,7 +144,14 @@ def test_an_outage_is_retried_then_committed(settings: Settings) -> None:
 
     recorder = Recorder(two_outages)
     metrics = StreamMetrics()
-    run(settings, recorder, lambda _r, _o: len(recorder.handled) >= EVENTS, metrics)
+    between: list[str] = []
+
+    def between_batches() -> None:  # e.g. an embedding version switch: in the batch thread
+        between.append(threading.current_thread().name)
+
+    run(settings, recorder, lambda _r, _o: len(recorder.handled) >= EVENTS, metrics,
+        between_batches)  # fmt: skip
+    assert between and set(between) == recorder.threads and len(recorder.threads) == 1
     assert sorted(recorder.handled) == sorted((i % PARTITIONS, i // PARTITIONS)
                                               for i in range(EVENTS))  # fmt: skip
     assert metrics.store_errors._value.get() == 2
@@ -149,6 +169,7 @@ def test_a_stop_during_retries_commits_nothing(settings: Settings) -> None:
     recorder = Recorder(down_then_stop)
     runner = FaustRunner(settings, recorder, StreamMetrics())  # type: ignore[arg-type]
     holder.append(runner)
+    runner.start()
     watchdog = threading.Timer(RUN_BOUND_S, runner.request_stop)
     watchdog.start()
     try:

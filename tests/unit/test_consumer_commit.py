@@ -69,3 +69,45 @@ def test_revocation_forgets_owed_offsets() -> None:
     consumer._on_revoke(client, [TopicPartition("det", 0)])  # type: ignore[arg-type]
     consumer._commit(())
     assert client.commits == []
+
+
+class RewindRecorder(CommitRecorder):
+    """Also pause/resume/poll/seek, as the consumer uses them while it serves the group."""
+
+    def __init__(self, owned: set[int]) -> None:
+        super().__init__(owned)
+        self.seeks: list[tuple[int, int]] = []
+
+    def pause(self, partitions) -> None:
+        pass
+
+    def resume(self, partitions) -> None:
+        pass
+
+    def poll(self, timeout):
+        return None
+
+    def seek(self, tp) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+
+def test_an_abandoned_batch_rewinds_owned_partitions_and_commits_only_what_came_before() -> None:
+    from streams.pipeline import Completed
+    from streams.processor import BatchOutcome
+
+    client = RewindRecorder(owned={0, 1})
+    consumer = runner(client)
+    pipeline = consumer.pipeline
+    written = Completed(batch((0, 1), (1, 1)), BatchOutcome(batch_id=1, messages=2))
+    # Batch 2 was abandoned (partition 2 revoked during an outage); batch 3 behind it too.
+    pipeline._done.extend(
+        [written, Completed(batch((0, 2), (2, 7)), None), Completed(batch((0, 3), (1, 2)), None)]
+    )
+    pipeline.halt()
+    consumer._settle()
+    assert client.commits == [{0: 2, 1: 2}]
+    consumer._recover()
+    # Partition 2 is not ours any more: its new owner starts from the committed offset.
+    assert sorted(client.seeks) == [(0, 2), (1, 2)]
+    assert not pipeline.halted and pipeline.has_room()
+    assert client.commits == [{0: 2, 1: 2}]

@@ -137,32 +137,6 @@ def test_a_stage_failure_reaches_the_runner_and_halts() -> None:
     assert pipeline.halted
 
 
-def test_skip_unembedded_finishes_only_batches_in_hand() -> None:
-    processor = FakeProcessor()
-    gate = threading.Event()
-    original = processor.embed
-
-    def slow_embed(batch: PreparedBatch) -> PreparedBatch:
-        gate.wait(5)
-        return original(batch)
-
-    processor.embed = slow_embed  # type: ignore[method-assign]
-    pipeline = Pipeline(processor, processor.finish, depth=3)  # type: ignore[arg-type]
-    pipeline.start()
-    try:
-        for i in range(3):
-            pipeline.submit(msgs(0, i))
-        deadline = time.monotonic() + 5
-        while len(processor.events) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)  # all three prepared; batch 1 is in the model
-        pipeline.skip_unembedded()
-        gate.set()
-        done = collect(pipeline, 3)
-    finally:
-        pipeline.stop()
-    assert [d.outcome is not None for d in done] == [True, False, False]
-
-
 def test_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="depth"):
         Pipeline(FakeProcessor(), lambda b: None, depth=0)  # type: ignore[arg-type]

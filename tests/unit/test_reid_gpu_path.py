@@ -4,6 +4,7 @@ warm-up sizes, torch.compile's wiring, and the tensor JPEG decoder against the P
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +227,33 @@ def test_jpeg_header_parser() -> None:
     assert header is not None and (header.width, header.height, header.components) == (77, 33, 3)
     progressive = jpeg_header(_jpeg("RGB", progressive=True))
     assert progressive is not None and progressive.sof == 0xC2
+
+
+def test_settings_reach_the_embedder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from streams.app import build_embedder
+    from streams.settings import load_settings
+
+    for var in [v for v in os.environ if v.startswith("REID_")]:
+        monkeypatch.delenv(var)
+    default = build_embedder(load_settings())
+    assert (default.backend, default.torch_compile, default.max_batch) == ("torch", "off", 32)
+    assert default.pad_batches == (default.device != "cpu")  # auto: on CUDA only
+    monkeypatch.setenv("REID_BACKEND", "onnx")
+    monkeypatch.setenv("REID_ONNX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("REID_PAD_BATCHES", "on")
+    monkeypatch.setenv("REID_BATCH_MAX_SIZE", "48")
+    emb = build_embedder(load_settings())
+    assert (emb.backend, emb.device, emb.pad_batches) == ("onnx", "cpu", True)
+    assert emb.batch_sizes == (1, 8, 16, 32, 48)
+    assert emb._onnx_cache_dir == tmp_path
+    monkeypatch.setenv("REID_BACKEND", "torch")
+    monkeypatch.setenv("REID_ONNX_CACHE_DIR", "")
+    monkeypatch.setenv("REID_PAD_BATCHES", "off")
+    for given, mode in (("true", "on"), ("0", "off"), ("reduce-overhead", "reduce-overhead")):
+        monkeypatch.setenv("REID_TORCH_COMPILE", given)
+        s = load_settings()
+        assert s.torch_compile == mode and s.onnx_cache_dir is None
+    monkeypatch.setenv("REID_TORCH_COMPILE", "true")
+    compiled = build_embedder(load_settings())
+    assert compiled.torch_compile == ("max-autotune" if compiled.device != "cpu" else "default")
+    assert compiled.pad_batches is False  # an explicit "off" wins over the compile default

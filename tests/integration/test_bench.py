@@ -1,0 +1,44 @@
+"""`reid-stream bench --quick` keeps working: every section measured, figures consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "--log-level", "WARNING", "bench", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    for name in ("model", "stream", "naive", "latency", "memory", "matching", "vector_search"):
+        assert sections.get(name), f"section {name} missing: {report['notes']}"
+        assert f"## {name}" in proc.stdout
+
+    model = {(r["backend"], r["part"], r["batch"]) for r in sections["model"]}
+    parts = ("resnet", "effnet", "ensemble")
+    assert {("torch-cpu-fp32", part, b) for part in parts for b in (1, 8)} <= model
+    assert all(r["images_per_s"] > 0 for r in sections["model"])
+
+    runners = {r["runner"]: r for r in sections["stream"]}
+    assert set(runners) == {"confluent", "faust"}
+    for row in runners.values():
+        assert row["events"] == report["plan"]["stream_events"]
+        assert row["events_per_s"] > 0 and row["ratio_to_raw"] > 0
+
+    naive = sections["naive"][0]
+    # One detection per batch and per commit: as many commits as events.
+    assert naive["commits"] == naive["events"] == report["plan"]["naive_events"]
+    assert naive["ratio_batched_to_naive"] == round(
+        runners["confluent"]["events_per_s"] / naive["events_per_s"], 2
+    )
+    latency = sections["latency"][0]
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert sections["memory"][0]["peak_rss_mb"] > 0
+    assert {r["deer"] for r in sections["matching"]} >= set(report["plan"]["deer_counts"])
