@@ -14,6 +14,7 @@ kernels are done once per size, at start-up (warm-up), not while consuming.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ class Embedder:
             device = "cpu"
             if torch_compile != "off":
                 raise ValueError("torch_compile applies to the 'torch' backend, not 'onnx'")
+            if importlib.util.find_spec("onnxruntime") is None:
+                raise ValueError(
+                    "backend 'onnx' needs onnxruntime: pip install 'deer-reid-stream[onnx]'"
+                )
         self._weights_path = Path(weights_path) if weights_path is not None else None
         self._seed = seed
         self._hub_dir = hub_dir
@@ -209,7 +214,11 @@ class Embedder:
             forward = self._onnx_forward(loaded)
         elif self._compile != "off":
             # Static shapes: with the padding ladder there are only a few, each compiled once
-            # during the warm-up below.
+            # during the warm-up below. Dynamo falls back to eager after `recompile_limit`
+            # shapes (8 by default); a long ladder must fit under it.
+            limit = len(self._ladder) + 2
+            if torch._dynamo.config.recompile_limit < limit:
+                torch._dynamo.config.recompile_limit = limit
             forward = torch.compile(model, mode=self._compile, dynamic=False)
         else:
             forward = model

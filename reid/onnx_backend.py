@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,11 +129,22 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def require_onnxruntime() -> Any:
+    """The onnxruntime module, or an error that says how to install it."""
+    try:
+        import onnxruntime  # the optional `onnx` extra; only this backend needs it
+    except ImportError as exc:
+        raise OnnxExportError(
+            "the 'onnx' backend needs onnxruntime: pip install 'deer-reid-stream[onnx]'"
+        ) from exc
+    return onnxruntime
+
+
 class OnnxSession:
     """One onnxruntime CPU session over an exported file; float32 NCHW in, named outputs out."""
 
     def __init__(self, path: Path, *, threads: int | None = None) -> None:
-        import onnxruntime as ort  # the optional `onnx` extra; only this backend needs it
+        ort = require_onnxruntime()
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_cores()

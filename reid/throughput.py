@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -67,8 +68,8 @@ def model_throughput(
     or a started `Embedder`; its preprocess gives the input size unless ``input_size`` does.
     The model is copied, never moved or changed. ``threads``: onnxruntime's intra-op threads
     (default: the usable cores); PyTorch keeps `torch.get_num_threads()`.
-    Row keys: backend, device, precision, part, batch, images_per_s, ms_per_batch, iters,
-    seconds.
+    Row keys: backend, device, precision, part, batch, images_per_s (over all timed
+    iterations), images_per_s_median (from the median iteration), ms_per_batch, iters, seconds.
     """
     ensemble, size = _resolve_model(model, input_size)
     backends = tuple(backends) if backends is not None else default_backends()
@@ -96,7 +97,8 @@ def model_throughput(
                 for batch in batch_sizes:
                     x = torch.randn((batch, 3, *size), generator=torch.Generator().manual_seed(0))
                     step = run(x)
-                    iters, elapsed = _measure(step, device, seconds, min_iters, warmup_iters)
+                    times = _measure(step, device, seconds, min_iters, warmup_iters)
+                    iters, elapsed = len(times), sum(times)
                     rows.append(
                         {
                             "backend": backend,
@@ -105,6 +107,8 @@ def model_throughput(
                             "part": part,
                             "batch": batch,
                             "images_per_s": batch * iters / elapsed,
+                            # Robust to a neighbour's burst on a shared machine.
+                            "images_per_s_median": batch / statistics.median(times),
                             "ms_per_batch": 1000.0 * elapsed / iters,
                             "iters": iters,
                             "seconds": elapsed,
@@ -156,6 +160,8 @@ def _part(ensemble: nn.Module, part: str) -> nn.Module:
 def _torch_runner(
     module: nn.Module, device: str, precision: str
 ) -> Callable[[torch.Tensor], Callable[[], object]]:
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the embedder runs; tuned in the warm-up
     module = copy.deepcopy(module).to(device).to(memory_format=torch.channels_last)
 
     def prepare(x: torch.Tensor) -> Callable[[], object]:
@@ -192,7 +198,9 @@ def _onnx_runner(
 
 def _measure(
     step: Callable[[], object], device: str, seconds: float, min_iters: int, warmup_iters: int
-) -> tuple[int, float]:
+) -> list[float]:
+    """The duration of each timed iteration, in seconds."""
+
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -200,12 +208,11 @@ def _measure(
     for _ in range(warmup_iters):
         step()
     sync()
-    iters = 0
-    start = time.perf_counter()
+    times: list[float] = []
     while True:
+        start = time.perf_counter()
         step()
         sync()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if iters >= min_iters and elapsed >= seconds:
-            return iters, elapsed
+        times.append(time.perf_counter() - start)
+        if len(times) >= min_iters and sum(times) >= seconds:
+            return times

@@ -77,7 +77,6 @@ class StreamApp:
                 self.metrics,
                 refresh_s=settings.gallery_refresh_s,
                 refresh_margin_s=settings.gallery_refresh_margin_s,
-                reload_s=settings.gallery_reload_s,
             ),
             self.publisher,
             self.metrics,

@@ -220,7 +220,7 @@ def vector_search_times(
     *,
     exact_queries: int = 20,
     per_animal: int = 8,
-    maintenance_work_mem: str = "2GB",
+    maintenance_work_mem: str | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Per size: one row per ``ef_search`` (HNSW) and one for exact search, each with the
@@ -230,6 +230,8 @@ def vector_search_times(
     Vectors are sightings of animals (``per_animal`` each, cosine ~0.7 to their animal) so
     that a query's neighbours are its animal's other sightings, as in the real table; queries
     are new sightings. Each size uses a scratch table of its own, dropped afterwards.
+    ``maintenance_work_mem`` (None: about 5 KiB per row) must hold the whole graph, or the
+    build spills to disk and slows down many times (1M rows: about 5 GB).
     """
     import psycopg
     from pgvector.psycopg import register_vector
@@ -242,10 +244,10 @@ def vector_search_times(
         for size in sizes:
             table = sql.Identifier(f"bench_vectors_{uuid.uuid4().hex[:10]}")
             rng = np.random.default_rng(seed)
+            mwm = maintenance_work_mem or f"{max(256, math.ceil(size * 5 / 1024))}MB"
             try:
                 rows += _search_one_size(
-                    conn, table, rng, size, k, queries, ef_search, exact_queries, per_animal,
-                    maintenance_work_mem,
+                    conn, table, rng, size, k, queries, ef_search, exact_queries, per_animal, mwm,
                 )  # fmt: skip
             finally:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
@@ -319,7 +321,8 @@ def _search_one_size(
         ids = [r[0] for r in conn.execute(query, (q, k)).fetchall()]
         return ids, time.perf_counter() - t
 
-    common = {"rows": size, "k": k, "load_s": round(load_s, 2), "build_s": round(build_s, 2)}
+    common = {"rows": size, "k": k, "load_s": round(load_s, 2), "build_s": round(build_s, 2),
+              "maintenance_work_mem": maintenance_work_mem}  # fmt: skip
     out: list[dict[str, Any]] = []
 
     # Exact first (index scans off): the reference for recall.

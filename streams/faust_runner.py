@@ -85,20 +85,21 @@ class FaustRunner:
         *,
         group_id: str | None = None,
     ) -> None:
+        import faust  # noqa: F401  (fail here, before the model loads, when the extra is missing)
+
         self.settings = settings
         self.processor = processor
         self.metrics = metrics
         self.group_id = group_id or settings.group_id
         self._stop = threading.Event()
         self._in_batch = False
+        self._abandoned_generation = -2  # aiokafka's "no generation" is -1
         self._error: BaseException | None = None
         self._on_batch: Callable[[BatchOutcome], None] | None = None
         self._between_batches: Callable[[], None] | None = None
         self._executor: ThreadPoolExecutor | None = None  # run()'s batch thread
 
     def start(self) -> None:
-        import faust  # noqa: F401  (fail here, before the model loads, when the extra is missing)
-
         log.info(
             "faust: runner ready topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d",
             self.settings.topic_detections, self.group_id, self.settings.batch_max_size,
@@ -194,6 +195,20 @@ class FaustRunner:
         if self._stop.is_set():
             _forget(app, events)  # taken after the stop request: left for redelivery
             return
+        # Acking an event past one left unacked would commit over it (Faust commits the acked
+        # offsets up to its first gap, and ignores a gap at the head when nothing or 0 was
+        # committed). So after an abandoned batch nothing more of its generation is handled,
+        # nor an event taken before a rebalance: Faust rewinds every assigned partition to its
+        # committed offset when a rebalance ends, and those events come again.
+        generation = app.consumer_generation_id
+        stale = [e for e in events if e.message.generation_id != generation
+                 or e.message.generation_id <= self._abandoned_generation]  # fmt: skip
+        if stale:
+            log.info("faust: %d events taken before a rebalance left for redelivery", len(stale))
+            _forget(app, stale)
+            events = [e for e in events if all(e is not s for s in stale)]
+            if not events:
+                return
         self._in_batch = True
         try:
             await self._in_thread(self._idle)
@@ -218,8 +233,9 @@ class FaustRunner:
     async def _process_with_retry(
         self, app: faust.App, messages: list[SourceMessage]
     ) -> BatchOutcome | None:
-        """The batch's outcome, or None when it was abandoned (stop requested, or a rebalance
-        started while an outage kept it from being written)."""
+        """The batch's outcome, or None when it was abandoned: stop requested, or a rebalance
+        under way during an outage (the revocation waits for the batch in hand, so holding it
+        would hold the whole group until the outage ends)."""
         rebalances = app.rebalancing_count
         attempt = 0
         while True:
@@ -231,16 +247,16 @@ class FaustRunner:
                 attempt += 1
                 log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
                 deadline = time.monotonic() + delay
-                while (
-                    not self._stop.is_set()
-                    and app.rebalancing_count == rebalances
-                    and time.monotonic() < deadline
-                ):
+
+                def rebalanced() -> bool:
+                    return app.rebalancing_count != rebalances
+
+                while not self._stop.is_set() and not rebalanced() and time.monotonic() < deadline:
                     await asyncio.sleep(min(_POLL_S, delay))
                 if self._stop.is_set():
                     log.warning("faust: stopping with an unwritten batch; not committing it")
                     return None
-                if app.rebalancing_count != rebalances:
+                if rebalanced():
                     log.warning("faust: rebalance during retries; abandoning the batch uncommitted")
                     return None
 

@@ -16,9 +16,10 @@ seconds at 100k). A worker now reads a version once and then keeps it up to date
   writing transaction's *start* time, so a row can commit after a read with a time before it;
   the margin (default 60 s, far longer than a batch transaction or its wait for the new-deer
   lock) catches those. ``deer_centroids (embedding_version, updated_at)`` is indexed, so a
-  refresh reads only the changed rows (0.3 ms when nothing changed, at 100k deer). Rows seen twice are harmless: a centroid replaces the held one only if
-  its count (sightings) is not lower, so a stale copy never undoes a newer one (counts only
-  grow). All times are the database server's, so worker clocks do not matter.
+  refresh reads only the changed rows (0.3 ms when nothing changed, at 100k deer). Rows seen
+  twice are harmless: a centroid replaces the held one only if its count (sightings) is not
+  lower, so a stale copy never undoes a newer one (counts only grow). All times are the
+  database server's, so worker clocks do not matter.
 - **what Redis may have missed**: a load served by a warm Redis is followed at once by a
   refresh that looks back ``redis_lookback_s`` (the cache's complete-flag lifetime, 600 s, see
   ``sinks.cache``): the version was last loaded into Redis in full within that time, so every
@@ -49,7 +50,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -307,7 +308,7 @@ class GalleryLoader:
         if from_redis:
             # What Redis may have lost since its last full load: see the module docstring.
             if self.redis_lookback is None:
-                held.watermark = datetime.min.replace(tzinfo=watermark.tzinfo)
+                held.watermark = datetime(1970, 1, 1, tzinfo=UTC)
             else:
                 held.watermark = watermark - self.redis_lookback
             self.refresh(version)

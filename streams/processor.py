@@ -37,7 +37,7 @@ from streams.events import (
     dead_letter_headers,
     parse_detection,
 )
-from streams.gallery import GalleryLoader, to_gallery
+from streams.gallery import GalleryLoader
 from streams.images import ImageRoots, image_bytes
 from streams.settings import Settings
 
@@ -373,10 +373,15 @@ class BatchProcessor:
             known = self.gallery.load(version)
             new_deer, rows = plan_against(known)
 
+        known_count = [len(known)]
+
         def replan(others: list[DeerCentroid]) -> tuple[int, list[DetectionRow]]:
-            # Deer created by another worker since `known` was read: match against them too.
+            # Deer created by another worker since `known` was read: match against them too
+            # (and keep them in memory, so later batches need not re-plan for them again).
             self.metrics.new_deer_rechecks.inc()
-            return plan_against(known.extended(to_gallery(others)))
+            extended = self.gallery.absorb(version, others)
+            known_count[0] = len(extended)
+            return plan_against(extended)
 
         with self._stage("persist"):
             result = self.store.write_batch(
@@ -384,7 +389,7 @@ class BatchProcessor:
                 known_deer_ids=known.deer_ids.tolist(), replan=replan,
             )  # fmt: skip
         self.gallery.put(version, result.centroids)
-        self.metrics.known_deer.set(len(known) + len(result.new_deer_ids))
+        self.metrics.known_deer.set(known_count[0] + len(result.new_deer_ids))
         for saved in result.assignments:
             if saved.processed_at != processed_at:
                 continue  # stored meanwhile by another worker: counted there

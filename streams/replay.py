@@ -336,7 +336,8 @@ class Replayer:
         caps: dict[int, int] | None = None
         ends: dict[int, int] = {}
         next_cap = 0.0
-        last_message = time.monotonic()
+        # Since when consume() has come back empty (None: the last one returned messages).
+        empty_since: float | None = time.monotonic()
         log.info("replay: version=%s group=%s from %s", self.version, self.group,
                  _fmt_offsets(positions))  # fmt: skip
         while not self._stop.is_set():
@@ -353,13 +354,16 @@ class Replayer:
             self.metrics.replay_remaining.set(remaining)
             if self.progress is not None:
                 self.progress.update(stats.events, remaining)
-            if until_end and remaining == 0 and time.monotonic() - last_message >= self.idle_s:
+            quiet = empty_since is not None and time.monotonic() - empty_since >= self.idle_s
+            if until_end and remaining == 0 and quiet:
                 stats.reached_end = True
                 break
             batch = self._window(positions, caps, held)
             if not batch:
+                if empty_since is None:
+                    empty_since = time.monotonic()
                 continue
-            last_message = time.monotonic()
+            empty_since = None
             self._replay_batch(batch, stats)
             self._commit(batch, positions)
             stats.events += len(batch)
@@ -445,8 +449,8 @@ class Replayer:
                     log.warning("replay: %s", err)
                 continue
             p = msg.partition()
-            if p in stopped:
-                continue
+            if p in stopped or p in held:
+                continue  # fetched before the pause; the seek delivers it again later
             if caps is not None and msg.offset() >= caps[p]:
                 # Not stored by the live consumer yet: come back for it later.
                 tp = TopicPartition(self.topic, p, msg.offset())
@@ -654,8 +658,9 @@ def replay_rate(
             s, emb, version=emb.embedding_version, weights_path=weights_path,
             progress=None, idle_s=0.5, follow_live=False,
         )  # fmt: skip
-        replayer.start()
         try:
+            replayer.start()
+            version, device = emb.embedding_version, emb.device
             stats = replayer.run(replayer.start_offsets(from_beginning=True), until_end=True)
         finally:
             replayer.stop()
@@ -669,8 +674,8 @@ def replay_rate(
             "elapsed_s": round(stats.elapsed_s, 2),
             "detections_per_s": round(rate, 2),
             f"extrapolated_{reference}_s": round(reference / rate, 1) if rate > 0 else None,
-            "embedding_version": emb.embedding_version,
-            "device": emb.device,
+            "embedding_version": version,
+            "device": device,
             "batch_size": s.batch_max_size,
         }
     finally:

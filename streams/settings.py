@@ -109,9 +109,6 @@ class Settings(BaseSettings):
     gallery_refresh_margin_s: float = Field(
         60.0, ge=0, description="How far before the previous read a gallery refresh looks back"
     )
-    gallery_reload_s: float = Field(
-        600.0, ge=0, description="Full gallery reload through Redis this often (0 = never)"
-    )
 
     # Operations
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics")

@@ -8,6 +8,7 @@ is ``test_stream_end_to_end[faust]``, which also checks that SIGTERM exits 0 aft
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -16,7 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sinks.metrics import StreamMetrics
 from sinks.publisher import PublishError
 from sinks.store import StoreUnavailable
-from streams.faust_runner import FaustRunner
+from streams.faust_runner import FaustRunner, build_app
 from streams.processor import BatchOutcome, SourceMessage
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -117,7 +118,7 @@ def test_commits_each_batch_and_a_restart_resumes_there(settings: Settings) -> N
 
     first = Recorder(stop_mid_third_batch)
     metrics = StreamMetrics()
-    run(settings, first, lambda r, _o: bool(holder.append(r)), metrics, on_start=holder.append)
+    run(settings, first, lambda _r, _o: False, metrics, on_start=holder.append)
     # The batch in hand was finished and committed; nothing after it was handled.
     assert first.batches == 3
     done = by_partition(first.handled)
@@ -194,3 +195,71 @@ def test_an_unexpected_error_ends_run_uncommitted(settings: Settings) -> None:
         run(settings, recorder, lambda _r, _o: True)
     assert recorder.attempts == 1
     assert all(offset < 0 for offset in committed(settings).values())
+
+
+def test_sasl_options_become_faust_credentials() -> None:
+    import faust
+
+    s = Settings(
+        kafka_options={"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                       "sasl.username": "reid"},
+        kafka_password="s3cret",
+    )  # fmt: skip
+    creds = build_app(s, "g", "/nonexistent").conf.broker_credentials
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.username, creds.password) == ("reid", "s3cret")
+    assert creds.mechanism.value == "SCRAM-SHA-512" and creds.ssl_context is not None
+    assert build_app(Settings(), "g", "/nonexistent").conf.broker_credentials is None
+
+
+def test_a_rebalance_during_an_outage_loses_nothing(kafka_bootstrap: str, unique: str) -> None:
+    """Member A is stuck on an outage when member B joins: A abandons its batch (uncommitted)
+    so that the rebalance can finish, B takes over half the partitions, A resumes after the
+    outage. Every event is handled (some maybe twice) and the group commits to the end."""
+    s = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap, topic_detections=f"faust-rb-{unique}",
+        group_id=f"faust-rb-{unique}", session_timeout_ms=6000, batch_max_size=16,
+        batch_max_wait_ms=100,
+    )  # fmt: skip
+    partitions, events = 4, 240
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, [s.topic_detections], partitions)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for i in range(events):
+        producer.produce(s.topic_detections, f"v{i}".encode(), partition=i % partitions)
+    assert producer.flush(30) == 0
+
+    failing = threading.Event()
+    outage_until: list[float] = []
+
+    def outage(attempt: int) -> None:
+        if not outage_until:
+            outage_until.append(time.monotonic() + 8.0)
+            failing.set()
+        if time.monotonic() < outage_until[0]:
+            raise StoreUnavailable("database down")
+
+    a, b = Recorder(outage), Recorder()
+    runners = [FaustRunner(s, r, StreamMetrics()) for r in (a, b)]  # type: ignore[arg-type]
+    threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
+    threads[0].start()
+    try:
+        assert failing.wait(RUN_BOUND_S)
+        threads[1].start()  # joins while A waits out the outage
+        deadline = time.monotonic() + RUN_BOUND_S
+        while len(set(a.handled) | set(b.handled)) < events and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for r in runners:
+            r.request_stop()
+        for t in threads:
+            t.join(60)
+    everything = {(i % partitions, i // partitions) for i in range(events)}
+    assert set(a.handled) | set(b.handled) == everything
+    assert b.handled, "B never got partitions"
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": s.group_id})
+    try:
+        tps = [TopicPartition(s.topic_detections, p) for p in range(partitions)]
+        got = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+    finally:
+        consumer.close()
+    assert got == {p: events // partitions for p in range(partitions)}

@@ -151,7 +151,6 @@ def workers(database_url: str, redis_url: str, unique: str) -> Iterator[Callable
     made: list[Worker] = []
 
     def make(cache_url: str | None = redis_url, **loader) -> Worker:
-        loader.setdefault("reload_s", 0)
         w = Worker(database_url, cache_url, f"gal-{unique}", **loader)
         made.append(w)
         return w
@@ -374,3 +373,29 @@ def test_forget_drops_memory_and_a_later_load_reads_again(workers) -> None:
     hits = a.counter("reid_cache_requests_total", result="hit")
     assert len(a.loader.load(VERSION)) == 3
     assert a.counter("reid_cache_requests_total", result="hit") == hits + 3
+
+
+def test_load_from_redis_rereads_what_redis_may_have_missed(workers, monkeypatch) -> None:
+    monkeypatch.setattr("streams.gallery.CACHE_WRITE_CHUNK", 4)  # the full write in chunks
+    herd = Herd(seed=9, animals=20)
+    a = workers(refresh_s=3600)
+    a.batch(*herd.sightings(list(range(12))))
+    # a commits a batch and dies before its cache write: Redis keeps the older centroids.
+    a.loader.put = lambda *args, **kwargs: None
+    a.batch(*herd.sightings([0, 1, 2, 12, 13]))
+    truth = a.store.load_centroids(VERSION)
+    assert len(truth) == 14
+
+    b = workers(refresh_s=3600)  # starts later and finds the version warm in Redis
+    b.loader.load(VERSION)
+    assert b.counter("reid_cache_requests_total", result="hit") == 12
+    assert_same(b.held(), truth)  # the refresh after the load re-read the lost writes
+
+    # Without the look-back (and margin, which covers these few seconds as well), the lost
+    # writes stay lost: two deer missing, three with their older centroids.
+    forgetful = workers(refresh_s=3600, redis_lookback_s=0, refresh_margin_s=0)
+    forgetful.loader.load(VERSION)
+    held = {c.deer_id: c for c in forgetful.held()}
+    assert len(held) == 12
+    stale = [c for c in truth if c.deer_id in held and c.sightings != held[c.deer_id].sightings]
+    assert len(stale) == 3

@@ -65,8 +65,9 @@ def settings_of(env: dict[str, str], **extra) -> Settings:
 
 def produce(env: dict[str, str], values: list[tuple[str, bytes]]) -> None:
     producer = Producer({"bootstrap.servers": env["REID_KAFKA_BOOTSTRAP_SERVERS"]})
-    for key, value in values:
-        producer.produce(env["REID_TOPIC_DETECTIONS"], value, key=key)
+    for i, (key, value) in enumerate(values):
+        # Spread over both partitions whatever the keys hash to.
+        producer.produce(env["REID_TOPIC_DETECTIONS"], value, key=key, partition=i % PARTITIONS)
     assert producer.flush(30) == 0
 
 
@@ -165,7 +166,9 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_replay_validate_activate_and_roll_back(stream_env, checkpoint_b, tmp_path) -> None:
+    # A high threshold: the seeded weights would put most detections into a few deer.
     env = {**stream_env, "REID_INPUT_SIZE": "64", "REID_VERSION_POLL_S": "0.3",
+           "REID_THRESHOLD": "0.6",
            "REID_BATCH_MAX_SIZE": "16", "REID_DECODE_WORKERS": "2"}  # fmt: skip
     settings = settings_of(env)
     bootstrap = {"bootstrap.servers": env["REID_KAFKA_BOOTSTRAP_SERVERS"]}
@@ -284,6 +287,16 @@ def test_replay_validate_activate_and_roll_back(stream_env, checkpoint_b, tmp_pa
             # The live consumer writes only the active version's vectors.
             assert set(under_b) <= set(vectors_by_detection(conn, VERSION_B))
             assert not set(under_b) & set(vectors_by_detection(conn, VERSION_A))
+
+        # A consumer starting now runs the active version (B, from its registered checkpoint),
+        # not its configured weights (the seeded A).
+        other = StreamApp(settings_of(env, group_id=f"{settings.group_id}-other"),
+                          serve_metrics=False)  # fmt: skip
+        other.start()
+        try:
+            assert other.embedder.embedding_version == VERSION_B
+        finally:
+            other.stop()
 
         # 7. Roll back to A: refused while the new detections lack A vectors, then forced.
         refused = cli(env, "activate", VERSION_A)

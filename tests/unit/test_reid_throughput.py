@@ -40,6 +40,7 @@ def test_quick_run_returns_every_combination(model: torch.nn.Module) -> None:
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] * r["iters"] / r["seconds"])
         assert r["ms_per_batch"] == pytest.approx(1000 * r["seconds"] / r["iters"])
+        assert math.isfinite(r["images_per_s_median"]) and r["images_per_s_median"] > 0
     # The caller's model is measured on a copy: not moved, not changed.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
@@ -54,6 +55,8 @@ def test_iterations_and_time_bounds_are_honoured(model: torch.nn.Module) -> None
     (row,) = model_throughput(model, batch_sizes=(2,), seconds=0.0, min_iters=3, warmup_iters=0,
                               **one)  # fmt: skip
     assert row["iters"] == 3  # no time bound: exactly min_iters
+    # Of 3 iterations, two last at least the median one, so it is at most half the total.
+    assert row["images_per_s_median"] >= 2 * 2 / row["seconds"]
     (row,) = model_throughput(model, batch_sizes=(1,), seconds=0.3, min_iters=1, warmup_iters=0,
                               **one)  # fmt: skip
     assert row["seconds"] >= 0.3 and row["iters"] >= 1
