@@ -361,15 +361,18 @@ def _cycle(photos: list[bytes], count: int) -> list[bytes]:
     return [photos[i % len(photos)] for i in range(count)]
 
 
-def matching_section(report: BenchReport, plan: BenchPlan, database_url: str) -> None:
-    try:
-        from streams import bench_matching
-    except ImportError as err:
-        report.notes.append(f"matching not measured: {err}")
-        return
+def matching_section(report: BenchReport, plan: BenchPlan, database_url: str, backend: str) -> None:
+    """Matching per batch, and its share of the batch time (the raw ensemble's time for a
+    batch of that size on this machine: the model is what a batch costs)."""
+    from streams import bench_matching
+
     for batch in sorted({plan.stream_batch, max(plan.batch_sizes)}):
+        raw = raw_ensemble_rate(report, backend, batch)
+        batch_ms = None if raw is None else 1000.0 * batch / raw
         for row in bench_matching.matching_times(deer_counts=plan.deer_counts, batch_size=batch):
-            report.add("matching", row)
+            share = None if batch_ms is None else round(row["match_ms_median"] / batch_ms, 4)
+            report.add("matching", {**row, "model_ms_per_batch": _rounded(batch_ms),
+                                    "share_of_batch": share})  # fmt: skip
     for row in bench_matching.vector_search_times(database_url, sizes=plan.search_sizes):
         report.add("vector_search", row)
 
@@ -506,7 +509,7 @@ def run_bench(
         finally:
             embedder.stop()
         if "matching" in wanted:
-            matching_section(report, plan, settings.database_url.get_secret_value())
+            matching_section(report, plan, settings.database_url.get_secret_value(), backend)
         if "replay" in wanted:
             replay_section(report, plan, settings_for, photos)
     return report

@@ -15,9 +15,14 @@ What this runner guarantees, and how:
   runs, but it only ever commits acked offsets, so it commits nothing unprocessed.
 - **Outages pause, never crash.** StoreUnavailable / PublishError / KafkaException are retried
   with the confluent runner's backoff; the event loop keeps the group alive meanwhile. A batch
-  is abandoned uncommitted when a rebalance starts during its retries (Faust revokes every
-  partition on each rebalance and waits for in-flight events, so holding the batch would hold
-  the whole group) or when a stop is requested; the group redelivers it.
+  is abandoned uncommitted when a rebalance is under way during its retries (Faust revokes
+  every partition on each rebalance and waits for in-flight events, so holding the batch would
+  hold the whole group) or when a stop is requested; the group redelivers it. Nothing taken
+  after an abandoned batch in the same group generation is handled either: Faust commits acked
+  offsets up to the first gap, but its check for a gap at the head of a partition misses some
+  (when nothing or 0 is committed yet, and a gap of one offset), so acking later events could
+  commit over the abandoned ones. The rebalance rewinds every partition to its committed
+  offset and they all come again (``test_a_rebalance_during_an_outage_loses_nothing``).
 - **Stop.** :meth:`FaustRunner.request_stop` (SIGTERM/SIGINT in the CLI) lets the batch in hand
   finish and commit, then stops the app; a batch taken after the request is left unacked.
 - **Bad input stays data.** Keys and values are passed through as raw bytes (``raw``
@@ -195,9 +200,8 @@ class FaustRunner:
         if self._stop.is_set():
             _forget(app, events)  # taken after the stop request: left for redelivery
             return
-        # Acking an event past one left unacked would commit over it (Faust commits the acked
-        # offsets up to its first gap, and ignores a gap at the head when nothing or 0 was
-        # committed). So after an abandoned batch nothing more of its generation is handled,
+        # Acking an event past one left unacked could commit over it (see the module's
+        # docstring). So after an abandoned batch nothing more of its generation is handled,
         # nor an event taken before a rebalance: Faust rewinds every assigned partition to its
         # committed offset when a rebalance ends, and those events come again.
         generation = app.consumer_generation_id
@@ -216,6 +220,7 @@ class FaustRunner:
             outcome = await self._process_with_retry(app, messages)
             if outcome is None:
                 _forget(app, events)
+                self._abandoned_generation = max(e.message.generation_id for e in events)
                 return
             for event in events:
                 await stream.ack(event)
@@ -249,7 +254,7 @@ class FaustRunner:
                 deadline = time.monotonic() + delay
 
                 def rebalanced() -> bool:
-                    return app.rebalancing_count != rebalances
+                    return app.rebalancing or app.rebalancing_count != rebalances
 
                 while not self._stop.is_set() and not rebalanced() and time.monotonic() < deadline:
                     await asyncio.sleep(min(_POLL_S, delay))

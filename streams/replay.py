@@ -329,6 +329,8 @@ class Replayer:
         t0 = time.monotonic()
         positions = self._resolve(starts)
         stats.positions = dict(positions)
+        if self.progress is not None:
+            self.progress.t0 = time.monotonic()  # the rate counts from here, not the model load
         if self.metrics is not None:
             self.metrics.embedding_info.info({"embedding_version": self.version, "role": "replay"})
         self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])

@@ -4,7 +4,8 @@ On the detections that have vectors of both versions (the replayed history), wit
 deer as stored (the assignments do not depend on a version):
 
 - **best deer changes**: the fraction of detections whose best-scoring deer under NEW is not
-  their best deer under OLD;
+  their best deer under OLD (over all of them, and over those whose deer was seen twice or
+  more; their own deer is scored leave-one-out, see below);
 - **true match**: a detection's ensemble score against its own deer, the deer's centroid
   rebuilt *without* that detection (leave-one-out: a centroid that contains the detection
   would flatter it); deer seen once have no true match and are left out of this one;
@@ -128,6 +129,7 @@ def compare(
     old = version_scores(pairs["old_resnet"], pairs["old_effnet"], deer_ids, w_resnet, w_effnet)
     new = version_scores(pairs["new_resnet"], pairs["new_effnet"], deer_ids, w_resnet, w_effnet)
     n = len(deer_ids)
+    seen = np.isfinite(old["true"])
     rate_old = false_merge_rate(old["other"], old_threshold)
     suggested = suggest_threshold(new["other"], rate_old)
 
@@ -139,6 +141,11 @@ def compare(
         "detections": int(n),
         "deer": len(np.unique(deer_ids)),
         "best_deer_changed": round(float(np.mean(old["best"] != new["best"])), 6) if n else 0.0,
+        # The same over detections whose deer was seen at least twice (they have a true
+        # match; a deer seen once competes with other deer only).
+        "best_deer_changed_seen_twice": (
+            round(float(np.mean((old["best"] != new["best"])[seen])), 6) if seen.any() else None
+        ),
         "old": {
             "threshold": old_threshold,
             "false_merge_rate": round(rate_old, 6),
@@ -169,6 +176,9 @@ def plot(result: dict[str, Any], old: str, new: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     scores = result["_scores"]
+    every = np.concatenate([scores[k][f] for k in ("old", "new") for f in ("true", "other")])
+    every = every[np.isfinite(every)]
+    low = max(-1.0, float(every.min()) - 0.05) if len(every) else -1.0
     for ax, key, name, t in (
         (axes[0], "old", old, result["old"]["threshold"]),
         (axes[1], "new", new, result["new"]["suggested_threshold"]),
@@ -180,6 +190,7 @@ def plot(result: dict[str, Any], old: str, new: str, path: Path) -> None:
         ax.axvline(t, color="k", linestyle="--", label=f"threshold {t:.3f}")
         ax.set_title(f"{key.upper()}: {name}"[:70], fontsize=9)
         ax.set_xlabel("ensemble score")
+        ax.set_xlim(low, 1.0)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("detections")
     fig.suptitle(f"best deer changed: {100 * result['best_deer_changed']:.1f}% "

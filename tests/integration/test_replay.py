@@ -410,3 +410,29 @@ def test_replay_group_names_are_safe() -> None:
     settings = Settings(group_id="reid")
     assert replay_group(settings, "seed0 v/2") == "reid-replay-seed0_v_2"
     assert os.sep not in replay_group(settings, "a/b")
+
+
+def test_replay_rate_benchmark_replays_every_detection(stack) -> None:
+    """The benchmark's function: a scratch database and topic, every event re-embedded."""
+    from streams.replay import replay_rate
+
+    settings = Settings(
+        kafka_bootstrap_servers=stack.info.kafka_bootstrap,
+        database_url=stack.info.database_url,
+        redis_url=stack.info.redis_url,
+        input_size=64,
+        batch_max_size=16,
+    )
+    result = replay_rate(settings, events=40, reference=1000)
+    assert result["stored"] == 40 and result["events"] == 40
+    assert result["detections_per_s"] > 0
+    assert result["extrapolated_1000_s"] == pytest.approx(
+        1000 / result["detections_per_s"], rel=0.01
+    )
+    assert result["embedding_version"] == VERSION_A
+    admin = stack.info.database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'reid_replay_bench_%%'"
+        ).fetchone()
+    assert left == (0,)  # the scratch database is gone

@@ -190,3 +190,15 @@ def test_onnx_configuration_is_checked() -> None:
         Embedder(backend="tensorrt")
     # "auto" means the CPU for this backend, even where CUDA exists.
     assert Embedder(backend="onnx").device == "cpu"
+
+
+def test_missing_onnxruntime_is_named_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    with pytest.raises(ValueError, match=r"pip install 'deer-reid-stream\[onnx\]'"):
+        Embedder(backend="onnx")
+    assert Embedder(backend="torch").backend == "torch"  # the default backend does not need it
