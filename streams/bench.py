@@ -378,15 +378,13 @@ def matching_section(report: BenchReport, plan: BenchPlan, database_url: str, ba
 
 
 def replay_section(
-    report: BenchReport, plan: BenchPlan, settings_for: Callable[..., Any], photos: list[bytes]
+    report: BenchReport, plan: BenchPlan, settings_for: Callable[..., Any], embedder: Any
 ) -> None:
-    try:
-        from streams.replay import replay_rate
-    except ImportError as err:
-        report.notes.append(f"replay not measured: {err}")
-        return
-    row = replay_rate(settings_for(), photos=photos[: plan.replay_events])
-    report.add("replay", row)
+    """Re-embedding stored detections under another version, end to end (issue 5)."""
+    from streams.replay import replay_rate
+
+    row = replay_rate(settings_for(), events=plan.replay_events, embedder=embedder)
+    report.add("replay", {k: _rounded(v) for k, v in row.items()})
 
 
 def precision_section(
@@ -506,12 +504,12 @@ def run_bench(
             memory_section(report)
             if "precision" in wanted:
                 precision_section(report, settings, embedder, photos[:64])
+            if "replay" in wanted:
+                replay_section(report, plan, settings_for, embedder)
         finally:
             embedder.stop()
         if "matching" in wanted:
             matching_section(report, plan, settings.database_url.get_secret_value(), backend)
-        if "replay" in wanted:
-            replay_section(report, plan, settings_for, photos)
     return report
 
 
@@ -552,6 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}")
     add("--events", type=int, default=None, help="events per stream run")
     add("--search-sizes", default=None, help="comma list of stored detections for HNSW search")
+    add("--replay-events", type=int, default=None, help="detections to replay (e.g. 6982)")
 
 
 def plan_from(args: argparse.Namespace) -> BenchPlan:
@@ -559,6 +558,8 @@ def plan_from(args: argparse.Namespace) -> BenchPlan:
     changes: dict[str, Any] = {}
     if args.events:
         changes["stream_events"] = args.events
+    if args.replay_events:
+        changes["replay_events"] = args.replay_events
     if args.search_sizes:
         changes["search_sizes"] = tuple(int(s) for s in args.search_sizes.split(","))
     return BenchPlan(**{**plan.__dict__, **changes})

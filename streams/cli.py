@@ -82,11 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     app.start()
     try:
-        if args.runner == "confluent":
-            # Switches to a newly activated embedding version between batches (`activate`).
-            app.consumer.run(between_batches=app.between_batches)
-        else:  # the faust runner has no between-batches hook (yet): restart to switch
-            app.consumer.run()
+        # Switches to a newly activated embedding version between batches (`activate`).
+        app.consumer.run(between_batches=app.between_batches)
     finally:
         app.stop()
     return 0

@@ -17,7 +17,9 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    for name in ("model", "stream", "naive", "latency", "memory", "matching", "vector_search"):
+    names = ("model", "stream", "naive", "latency", "memory", "precision", "matching",
+             "vector_search", "replay")  # fmt: skip
+    for name in names:
         assert sections.get(name), f"section {name} missing: {report['notes']}"
         assert f"## {name}" in proc.stdout
 
@@ -42,3 +44,7 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert sections["memory"][0]["peak_rss_mb"] > 0
     assert {r["deer"] for r in sections["matching"]} >= set(report["plan"]["deer_counts"])
+    assert all(r["share_of_batch"] > 0 for r in sections["matching"])
+    replay = sections["replay"][0]
+    assert replay["stored"] == replay["events"] == report["plan"]["replay_events"]
+    assert replay["detections_per_s"] > 0
