@@ -8,6 +8,8 @@ import psycopg
 import pytest
 
 from sinks.migrate import available, migrate
+from sinks.store import PgStore
+from sinks.versions import VersionSpec
 
 
 def test_migrate_creates_schema_and_hnsw_indexes(database_url: str) -> None:
@@ -28,16 +30,8 @@ def test_migrate_creates_schema_and_hnsw_indexes(database_url: str) -> None:
         indexes = dict(
             conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
         )
-        hnsw = {name for name, ddl in indexes.items() if "USING hnsw" in ddl}
-        assert hnsw == {
-            "deer_centroid_resnet_hnsw",
-            "deer_centroid_effnet_hnsw",
-            "detections_embedding_resnet_hnsw",
-            "detections_embedding_effnet_hnsw",
-        }
-        for name in hnsw:
-            assert "vector_cosine_ops" in indexes[name]
-            assert "m='16'" in indexes[name] and "ef_construction='64'" in indexes[name]
+        # HNSW indexes are per embedding version (partial), made when a version is registered.
+        assert not {name for name, ddl in indexes.items() if "USING hnsw" in ddl}
         storage = dict(
             conn.execute(
                 "SELECT attname, attstorage FROM pg_attribute "
@@ -51,6 +45,25 @@ def test_migrate_creates_schema_and_hnsw_indexes(database_url: str) -> None:
             "embedding_resnet": "p",
             "embedding_effnet": "p",
         }
+    store = PgStore(database_url)
+    store.start()
+    try:
+        store.register_version(VersionSpec("v-test"))
+    finally:
+        store.stop()
+    with psycopg.connect(database_url) as conn:
+        indexes = dict(
+            conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+        )
+        hnsw = {name: ddl for name, ddl in indexes.items() if "USING hnsw" in ddl}
+        assert {ddl.split(" ON ")[1].split()[0] for ddl in hnsw.values()} == {
+            "public.deer_centroids",
+            "public.detection_vectors",
+        }
+        assert len(hnsw) == 4
+        for ddl in hnsw.values():
+            assert "vector_cosine_ops" in ddl and "m='16'" in ddl and "ef_construction='64'" in ddl
+            assert "WHERE (embedding_version = 'v-test'::text)" in ddl
         fk = conn.execute(
             "SELECT condeferrable, condeferred FROM pg_constraint "
             "WHERE conrelid = 'detections'::regclass AND contype = 'f'"
