@@ -75,17 +75,7 @@ def crop(image: Image.Image, bbox: Sequence[float] | None) -> Image.Image:
     """
     if bbox is None:
         return image
-    x1, y1, x2, y2 = _validate_bbox(bbox, image.size)
-    width, height = image.size
-    # Round to whole pixels and clamp, because the tolerance lets coordinates sit up to half
-    # a pixel outside the image.
-    left = min(max(math.floor(x1 + 0.5), 0), width)
-    top = min(max(math.floor(y1 + 0.5), 0), height)
-    right = min(max(math.floor(x2 + 0.5), 0), width)
-    bottom = min(max(math.floor(y2 + 0.5), 0), height)
-    if right <= left or bottom <= top:
-        raise ImageError("bbox_invalid", f"bbox {list(bbox)} covers less than one pixel")
-    return image.crop((left, top, right, bottom))
+    return image.crop(crop_box(bbox, image.size))
 
 
 def crop_box(bbox: Sequence[float] | None, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -95,6 +85,8 @@ def crop_box(bbox: Sequence[float] | None, size: tuple[int, int]) -> tuple[int, 
     if bbox is None:
         return 0, 0, width, height
     x1, y1, x2, y2 = _validate_bbox(bbox, size)
+    # Round to whole pixels and clamp, because the tolerance lets coordinates sit up to half
+    # a pixel outside the image.
     left = min(max(math.floor(x1 + 0.5), 0), width)
     top = min(max(math.floor(y1 + 0.5), 0), height)
     right = min(max(math.floor(x2 + 0.5), 0), width)

@@ -173,7 +173,6 @@ class StreamApp:
                 log.exception("app: error while stopping")
         log.info("app: stopped")
 
-
     # -- embedding versions (streams.versions) ----------------------------------------------
     def _start_active_version(self) -> None:
         """Start the embedder of the registry's active version (built from its registered
