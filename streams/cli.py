@@ -137,6 +137,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similar(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from sinks.search import similar_detections, stored_vectors
+    from sinks.store import PgStore
+
+    settings = _settings(args)
+    dsn = settings.database_url.get_secret_value()
+    version = args.version
+    if version is None:
+        store = PgStore(dsn)
+        store.start()
+        try:
+            active = store.active_version()
+        finally:
+            store.stop()
+        if active is None:
+            sys.exit("reid-stream: no active embedding version; pass --version")
+        version = active.version
+    with psycopg.connect(dsn, autocommit=True, application_name="reid-similar") as conn:
+        query = stored_vectors(conn, version, args.detection_id)
+        if query is None:
+            sys.exit(f"reid-stream: detection {args.detection_id!r} has no vector of {version!r}")
+        found = similar_detections(
+            conn, version, *query, k=args.k, ef_search=args.ef_search, exclude=args.detection_id,
+            w_resnet=settings.weight_resnet, w_effnet=settings.weight_effnet,
+        )  # fmt: skip
+    for hit in found:
+        doc = {**hit.__dict__, "captured_at": hit.captured_at.isoformat(), "version": version}
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in doc.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid-stream", description=__doc__)
     parser.add_argument(
@@ -169,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=int, default=4, help="number of simulated cameras")
     p.add_argument("--limit", type=int, default=None, help="stop after N events (cycles images)")
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("similar", help="the stored detections most like one (pgvector HNSW)")
+    p.add_argument("detection_id")
+    p.add_argument("-k", type=int, default=5, help="how many (default 5)")
+    p.add_argument("--version", default=None, help="embedding version (default: the active one)")
+    p.add_argument("--ef-search", type=int, default=100, help="HNSW candidate list size")
+    p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("bench", help="model, stream, matching and latency benchmark (a table)")
     from streams.bench import add_arguments
