@@ -94,7 +94,9 @@ class StreamApp:
         self.metrics_port: int | None = None
         self._consuming = False
         self.versions: VersionSwitch | None = None  # set by start()
-        self._retired: Embedder | None = None  # the embedder swapped out last (stopped later)
+        # Embedders swapped out, each with the pipeline's submitted count at the swap: it is
+        # stopped once every batch submitted before then has left the pipeline.
+        self._retired: list[tuple[Embedder, int]] = []
 
     def _health_checker(self) -> HealthChecker:
         s = self.settings
@@ -225,11 +227,11 @@ class StreamApp:
         changed the version, the new embedder is built and the Redis cache warmed in a
         background thread; a later call swaps ``processor.embedder``, so the next batch
         embedded is embedded, matched and written under the new version. The swapped-out
-        embedder is stopped at the next switch or at stop(), so a batch already embedded
-        with it can still finish.
+        embedder is stopped once every batch prepared with it has been written (or at stop()).
         """
         if self.versions is None:
             return None
+        self._stop_retired()
         new = self.versions.poll()
         if new is None:
             return None
@@ -239,9 +241,9 @@ class StreamApp:
         forget = getattr(self.processor.gallery, "forget", None)
         if callable(forget):  # an in-memory gallery drops the old version's matrix
             forget(old.embedding_version)
-        if self._retired is not None:
-            self._retired.stop()
-        self._retired = old if self._owns_embedder else None
+        if self._owns_embedder:
+            pipeline = getattr(self.consumer, "pipeline", None)  # the faust runner has none
+            self._retired.append((old, pipeline.submitted if pipeline is not None else 0))
         self._owns_embedder = True
         self._model_info()
         self.metrics.known_deer.set(self.versions.store.deer_count(new.embedding_version))
@@ -249,14 +251,27 @@ class StreamApp:
                  old.embedding_version, new.embedding_version)  # fmt: skip
         return new.embedding_version
 
+    def _stop_retired(self) -> None:
+        """Stop swapped-out embedders that no batch can still use: a batch keeps the embedder
+        it was prepared with until it is written, and batches leave the pipeline in order."""
+        pipeline = getattr(self.consumer, "pipeline", None)
+        done = pipeline.completed if pipeline is not None else 0
+        keep = []
+        for embedder, submitted in self._retired:
+            if submitted <= done:
+                embedder.stop()
+            else:
+                keep.append((embedder, submitted))
+        self._retired = keep
+
     def _stop_versions(self) -> None:
         versions, self.versions = self.versions, None
         if versions is not None:
             versions.stop()
             versions.store.stop()
-        retired, self._retired = self._retired, None
-        if retired is not None:
-            retired.stop()
+        retired, self._retired = self._retired, []
+        for embedder, _ in retired:
+            embedder.stop()
 
 
 def _gpu_memory_reader(device: str) -> Callable[[], float]:

@@ -71,6 +71,8 @@ class Pipeline:
         self._done: deque[Completed] = deque()
         self._cond = threading.Condition()
         self._in_flight = 0
+        self.submitted = 0  # batches handed in so far
+        self.completed = 0  # batches that left (written, abandoned or failed), in order
         self._halted = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -113,6 +115,7 @@ class Pipeline:
     def submit(self, messages: Sequence[SourceMessage]) -> None:
         with self._cond:
             self._in_flight += 1
+            self.submitted += 1
         self._queues[0].put(_Job(messages))
 
     def wait(self, timeout: float) -> None:
@@ -190,6 +193,7 @@ class Pipeline:
         outcome = None if job.abandoned or job.error else job.outcome
         with self._cond:
             self._in_flight -= 1
+            self.completed += 1
             self._done.append(Completed(job.messages, outcome, job.error))
             self._cond.notify_all()
 
