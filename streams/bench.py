@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -562,4 +563,4 @@ def plan_from(args: argparse.Namespace) -> BenchPlan:
         changes["replay_events"] = args.replay_events
     if args.search_sizes:
         changes["search_sizes"] = tuple(int(s) for s in args.search_sizes.split(","))
-    return BenchPlan(**{**plan.__dict__, **changes})
+    return dataclasses.replace(plan, **changes)

@@ -20,6 +20,8 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# What a batch attempt may fail with and still be retried (the database or the broker).
+RETRYABLE = (StoreUnavailable, PublishError, KafkaException)
 # A revocation waits this long at most for the batches in flight before giving them up.
 REVOKE_DRAIN_S = 30.0
 
@@ -215,11 +217,9 @@ class StreamConsumer:
         while True:
             try:
                 return self.processor.finish(batch)
-            except (StoreUnavailable, PublishError, KafkaException) as err:
-                self.metrics.store_errors.inc()
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+            except RETRYABLE as err:
                 attempt += 1
-                log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
+                delay = retry_delay(self.metrics, attempt, err)
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and not self._gives_up(batch):
                     time.sleep(0.05)
@@ -295,6 +295,15 @@ class StreamConsumer:
         self._revoked.update((p.topic, p.partition) for p in partitions)
         for p in partitions:
             self._uncommitted.pop((p.topic, p.partition), None)
+
+
+def retry_delay(metrics: StreamMetrics, attempt: int, err: Exception) -> float:
+    """Count and log failed attempt number ``attempt`` (1, 2, ...) of a batch; the seconds to
+    wait before the next one (0.5, 1, 2, 5, then every 10 s). Both runners use it."""
+    metrics.store_errors.inc()
+    delay = RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)]
+    log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
+    return delay
 
 
 def _source(msg: Message) -> SourceMessage:

@@ -56,11 +56,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import KafkaException
-
 from sinks.metrics import StreamMetrics
-from sinks.publisher import PublishError
-from sinks.store import StoreUnavailable
+from streams.consumer import RETRYABLE, retry_delay
 from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
 from streams.settings import Settings
 
@@ -69,8 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The confluent runner's policy (streams/consumer.py): 0.5, 1, 2, 5, then every 10 s.
-RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 # How often the main coroutine looks at the stop flag (set from signal handlers and threads).
 _POLL_S = 0.1
 # librdkafka options that have a Faust equivalent (see _credentials); others are not translated.
@@ -246,11 +241,9 @@ class FaustRunner:
         while True:
             try:
                 return await self._in_thread(self.processor.process, messages)
-            except (StoreUnavailable, PublishError, KafkaException) as err:
-                self.metrics.store_errors.inc()
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+            except RETRYABLE as err:
                 attempt += 1
-                log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
+                delay = retry_delay(self.metrics, attempt, err)
                 deadline = time.monotonic() + delay
 
                 def rebalanced() -> bool:

@@ -178,12 +178,6 @@ class BatchProcessor:
         outcome = BatchOutcome(batch_id=batch.batch_id, messages=len(batch.messages))
         for message, err in batch.invalid:
             self._dead_letter(message, err, outcome)
-        if not batch.firsts:
-            self._publish([], {}, outcome)
-            self._count(outcome)
-            self._log(batch, outcome)
-            return outcome
-
         firsts = batch.firsts
         stored = self.store.existing_assignments([p.event.detection_id for p in firsts])
         firsts = self._drop_conflicts(firsts, stored, outcome)
