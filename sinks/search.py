@@ -4,7 +4,7 @@ Candidates come from pgvector's HNSW index on the version's ResNet vectors (the 
 ``WHERE embedding_version = '<V>'`` of ``sinks.versions``); they are then re-ranked with both
 backbones by the stream's ensemble score, ``w_resnet·cos(r) + w_effnet·cos(e)``. The index is
 approximate (recall@5 about 0.9 at ``ef_search=100`` on 100k clustered vectors, see
-BENCHMARKS.md), and asking for ``candidates`` well above ``k`` makes the re-ranking see the
+docs/BENCHMARKS.md), and asking for ``candidates`` well above ``k`` makes the re-ranking see the
 neighbours the ResNet index alone ranks a little lower.
 
 The version goes into the SQL as a literal (``psycopg.sql.Literal``), not a parameter: the

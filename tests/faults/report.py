@@ -1,4 +1,4 @@
-"""Reliability figures recorded by the tests, and RELIABILITY.md written from them.
+"""Reliability figures recorded by the tests, and docs/RELIABILITY.md written from them.
 
 A test asks for the ``reliability`` fixture and records one row per scenario::
 
@@ -13,8 +13,8 @@ The rows of a test are kept until it ends, then appended, with the test's result
 lines to a file under the session's temporary folder. When the session finishes and
 ``REID_WRITE_RELIABILITY=1`` is set, they are merged into ``reports/reliability.json`` (the
 rows of a test that ran replace its earlier rows; the rows of tests not run keep their
-earlier figures and date) and ``RELIABILITY.md`` is rewritten from it, both at the
-repository root. Without the variable nothing in the checkout changes. A test that fails
+earlier figures and date) and ``docs/RELIABILITY.md`` is rewritten from it (both paths from
+the repository root). Without the variable nothing in the checkout changes. A test that fails
 before recording anything gets one row saying so.
 
 This module is a pytest plugin (``tests/conftest.py`` names it in ``pytest_plugins``): it
@@ -39,7 +39,7 @@ COMMAND = (
     "REID_WRITE_RELIABILITY=1 pytest -m faults tests/faults tests/integration/test_hostile_input.py"
 )
 SIDECAR = Path("reports") / "reliability.json"
-DOCUMENT = Path("RELIABILITY.md")
+DOCUMENT = Path("docs") / "RELIABILITY.md"
 
 # (row key, column title) in table order.
 COLUMNS = (
@@ -136,7 +136,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # -- the document -------------------------------------------------------------------------
 def write(root: Path, rows: list[dict[str, Any]], *, invocation: str) -> Path:
-    """Merge ``rows`` into the sidecar and rewrite RELIABILITY.md; returns its path.
+    """Merge ``rows`` into the sidecar and rewrite docs/RELIABILITY.md; returns its path.
 
     The rows of every test that ran replace all of that test's earlier rows (where the first
     of them stood); the rows of tests that did not run are kept as they were."""
@@ -159,6 +159,7 @@ def write(root: Path, rows: list[dict[str, Any]], *, invocation: str) -> Path:
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     sidecar.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     document = root / DOCUMENT
+    document.parent.mkdir(parents=True, exist_ok=True)
     document.write_text(render(doc))
     return document
 
