@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The one definition of the rule's defaults: the stream's settings (REID_THRESHOLD,
+# REID_WEIGHT_RESNET, REID_WEIGHT_EFFNET) default to these, as do reid-eval and the benches.
 DEFAULT_THRESHOLD = 0.40
 W_RESNET = 0.6
 W_EFFNET = 0.4

@@ -1,10 +1,23 @@
-"""Where the ensemble's weights come from, and the `embedding_version` naming them.
+"""Where the ensemble's weights come from, the `embedding_version` naming them, and every
+checkpoint file format.
 
 Resolution order: an explicit checkpoint file, else torchvision ImageNet trunks already in the
 local torch hub cache (never downloaded), else a seeded initialisation. Every stored vector
 carries the resulting `embedding_version`, so two different weight sets never share one.
 
 The seeded initialisation is calibrated without data (see `reid.calibration`).
+
+Checkpoint formats (dicts of tensors and plain containers, read with ``weights_only=True``):
+
+- `reid-ensemble/1` (`save_checkpoint`, `load_ensemble`): what the stream loads; the two
+  members' state dicts, the embedding version, the `Preprocess` and free-form `meta`.
+- `reid-single/1` (`save_single_checkpoint`): one trained backbone for `reid-eval`, never
+  for the stream; the model's config fields (without its pretrained file), its whole state
+  dict (BNNeck included), the embedding version, the `Preprocess` and `meta`. Building the
+  module from that config is training's job (`reid.training.models.build_model`), so
+  reading one returns the file's contents (`SingleCheckpoint`), not a module.
+
+`load_any_checkpoint` reads either, telling them apart by their `format` key.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,7 @@ from reid.preprocess import Preprocess
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "reid-ensemble/1"
+SINGLE_FORMAT = "reid-single/1"
 # Changing the calibration (reid.calibration) changes the seeded embeddings: bump this with it.
 SEEDED_VERSION_SUFFIX = "msr50+effb0-calib-v2"
 
@@ -48,6 +62,18 @@ class LoadedEnsemble:
     embedding_version: str
     source: str  # "checkpoint" | "torchvision-cache" | "seeded"
     preprocess: Preprocess
+    meta: dict[str, Any] = field(default_factory=dict)  # a checkpoint's `meta`
+
+
+@dataclass
+class SingleCheckpoint:
+    """The contents of a `reid-single/1` file (see the module docstring)."""
+
+    model_config: dict[str, Any]  # ModelConfig fields, "pretrained" left out
+    state_dict: dict[str, torch.Tensor]
+    embedding_version: str
+    preprocess: Preprocess
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def build_seeded(
@@ -140,7 +166,54 @@ def save_checkpoint(
         "preprocess": preprocess.to_dict(),
         "meta": meta,
     }
+    _write_atomically(Path(path), payload)
+
+
+def save_single_checkpoint(
+    path: Path,
+    model: nn.Module,
+    *,
+    model_config: Mapping[str, Any],
+    embedding_version: str,
+    preprocess: Preprocess,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a `reid-single/1` checkpoint atomically. ``model_config``: the ModelConfig
+    fields that rebuild ``model`` (its pretrained file is not needed and is left out)."""
+    if not embedding_version:
+        raise ValueError("embedding_version must be a non-empty string")
+    model_config = {k: v for k, v in model_config.items() if k != "pretrained"}
+    meta = dict(meta or {})
+    _check_plain(model_config, "model_config")
+    _check_plain(meta, "meta")
+    payload = {
+        "format": SINGLE_FORMAT,
+        "embedding_version": embedding_version,
+        "model": model_config,
+        "state_dict": _plain_state(model),
+        "preprocess": preprocess.to_dict(),
+        "meta": meta,
+    }
+    _write_atomically(Path(path), payload)
+
+
+def load_any_checkpoint(path: Path, *, seed: int = 0) -> LoadedEnsemble | SingleCheckpoint:
+    """A `reid-ensemble/1` file loaded as `load_ensemble` does, or a `reid-single/1` file's
+    contents; anything else raises WeightsError."""
     path = Path(path)
+    ckpt = _read_checkpoint(path)
+    fmt = ckpt.get("format")
+    if fmt == CHECKPOINT_FORMAT:
+        return _ensemble_from(ckpt, path, seed)
+    if fmt == SINGLE_FORMAT:
+        return _single_from(ckpt, path)
+    raise WeightsError(
+        f"{path} has format {fmt!r}; expected {CHECKPOINT_FORMAT} or {SINGLE_FORMAT}"
+    )
+
+
+def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
+    # A temp file in the same folder, then a rename: a reader never sees half a checkpoint.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -178,6 +251,10 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _from_checkpoint(path: Path, seed: int) -> LoadedEnsemble:
+    return _ensemble_from(_read_checkpoint(path), path, seed)
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
@@ -191,10 +268,39 @@ def _from_checkpoint(path: Path, seed: int) -> LoadedEnsemble:
         raise WeightsError(f"weights file {path} cannot be read: {exc}") from exc
     if not isinstance(ckpt, Mapping):
         raise WeightsError(f"weights file {path} is not a checkpoint dict")
+    return ckpt
+
+
+def _ensemble_from(ckpt: Mapping[str, Any], path: Path, seed: int) -> LoadedEnsemble:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(
             f"weights file {path} has format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
         )
+    version, preprocess, meta = _common_fields(ckpt, path)
+    # The seeded build only provides the module structure; every tensor is overwritten.
+    model = build_seeded(seed, calibrate=False)
+    _load_state(model.resnet, ckpt.get("resnet"), f"{path} [resnet]")
+    _load_state(model.effnet, ckpt.get("effnet"), f"{path} [effnet]")
+    return LoadedEnsemble(model, version, "checkpoint", preprocess, meta)
+
+
+def _single_from(ckpt: Mapping[str, Any], path: Path) -> SingleCheckpoint:
+    if ckpt.get("format") != SINGLE_FORMAT:
+        raise WeightsError(
+            f"weights file {path} has format {ckpt.get('format')!r}, expected {SINGLE_FORMAT!r}"
+        )
+    version, preprocess, meta = _common_fields(ckpt, path)
+    model_config, state = ckpt.get("model"), ckpt.get("state_dict")
+    if not isinstance(model_config, Mapping):
+        raise WeightsError(f"weights file {path} has no model config")
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"weights file {path} has no state dict")
+    model_config = {k: v for k, v in model_config.items() if k != "pretrained"}
+    return SingleCheckpoint(model_config, dict(state), version, preprocess, meta)
+
+
+def _common_fields(ckpt: Mapping[str, Any], path: Path) -> tuple[str, Preprocess, dict[str, Any]]:
+    """The embedding version, the Preprocess and the meta that every format carries."""
     version = ckpt.get("embedding_version")
     if not isinstance(version, str) or not version:
         raise WeightsError(f"weights file {path} has no embedding_version")
@@ -205,11 +311,8 @@ def _from_checkpoint(path: Path, seed: int) -> LoadedEnsemble:
         preprocess = Preprocess.from_dict(raw_preprocess)
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"weights file {path} has an invalid preprocess: {exc}") from exc
-    # The seeded build only provides the module structure; every tensor is overwritten.
-    model = build_seeded(seed, calibrate=False)
-    _load_state(model.resnet, ckpt.get("resnet"), f"{path} [resnet]")
-    _load_state(model.effnet, ckpt.get("effnet"), f"{path} [effnet]")
-    return LoadedEnsemble(model, version, "checkpoint", preprocess)
+    meta = ckpt.get("meta") or {}
+    return version, preprocess, dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def _find_cached_trunks(checkpoints: Path) -> tuple[Path, Path] | None:

@@ -1,4 +1,6 @@
-"""Apply the SQL migrations shipped in ``sinks/migrations`` (``NNNN_name.sql``), in order.
+"""The schema: apply the SQL migrations shipped in ``sinks/migrations`` (``NNNN_name.sql``),
+in order; and create or drop a whole database (the embedded stack, the benchmarks' scratch
+databases).
 
 Each file runs in its own transaction together with its row in ``schema_migrations``, so a
 failed file leaves nothing half-applied. A run holds a fixed advisory lock from start to end
@@ -13,6 +15,7 @@ import re
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +72,22 @@ def migrate(dsn: str) -> list[str]:
             log.info("migrate: applied version=%s", version)
     log.info("migrate: up to date applied=%d", len(applied))
     return applied
+
+
+def sibling_url(dsn: str, database: str) -> str:
+    """The URL of another database on the same server (``postgresql://.../<database>``)."""
+    return dsn.rsplit("/", 1)[0] + "/" + database
+
+
+def create_database(admin_dsn: str, name: str) -> None:
+    """``CREATE DATABASE name`` through a connection to ``admin_dsn`` (any database there)."""
+    with psycopg.connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop a database, closing its connections; nothing happens when it does not exist."""
+    with psycopg.connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

@@ -13,34 +13,24 @@ from sinks.cache import CentroidCache
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.store import PgStore
-from streams.consumer import StreamConsumer
 from streams.gallery import GalleryLoader
 from streams.health import HealthChecker
 from streams.processor import BatchProcessor
+from streams.runners import Runner, build_runner
 from streams.settings import Settings
 from streams.topics import ensure_topics
-from streams.versions import VersionSwitch, check_embedder, embedder_for, version_spec
+from streams.versions import (
+    VersionSwitch,
+    build_embedder,
+    check_embedder,
+    embedder_for,
+    version_spec,
+)
 
 log = logging.getLogger(__name__)
 
 # The two backbones of reid.backbones.Ensemble, for the model info metric.
 BACKBONES = "multiscale-resnet50+efficientnet-b0"
-
-
-def build_embedder(settings: Settings, weights_path: Path | None = None) -> Embedder:
-    """The embedder the settings describe (not started); ``weights_path`` overrides theirs."""
-    return Embedder(
-        weights_path=weights_path if weights_path is not None else settings.weights_path,
-        seed=settings.seed,
-        input_size=settings.input_size,
-        device=settings.device,
-        precision=settings.precision,
-        backend=settings.backend,
-        onnx_cache_dir=settings.onnx_cache_dir,
-        max_batch=settings.batch_max_size,
-        pad_batches={"auto": None, "on": True, "off": False}[settings.pad_batches],
-        torch_compile=settings.torch_compile,
-    )
 
 
 class StreamApp:
@@ -81,14 +71,7 @@ class StreamApp:
             self.publisher,
             self.metrics,
         )
-        if runner == "faust":  # same contract as StreamConsumer; needs the `faust` extra
-            from streams.faust_runner import FaustRunner
-
-            self.consumer = FaustRunner(settings, self.processor, self.metrics)
-        elif runner == "confluent":
-            self.consumer = StreamConsumer(settings, self.processor, self.metrics)
-        else:
-            raise ValueError(f"unknown runner {runner!r} (confluent or faust)")
+        self.consumer: Runner = build_runner(runner, settings, self.processor, self.metrics)
         self.health = self._health_checker()
         self.metrics.gpu_memory_from(_gpu_memory_reader(self.embedder.device))
         self.metrics_port: int | None = None
@@ -238,12 +221,9 @@ class StreamApp:
         old = self.processor.embedder
         self.processor.embedder = new
         self.embedder = new
-        forget = getattr(self.processor.gallery, "forget", None)
-        if callable(forget):  # an in-memory gallery drops the old version's matrix
-            forget(old.embedding_version)
+        self.processor.gallery.forget(old.embedding_version)
         if self._owns_embedder:
-            pipeline = getattr(self.consumer, "pipeline", None)  # the faust runner has none
-            self._retired.append((old, pipeline.submitted if pipeline is not None else 0))
+            self._retired.append((old, self.consumer.batches_submitted))
         self._owns_embedder = True
         self._model_info()
         self.metrics.known_deer.set(self.versions.store.deer_count(new.embedding_version))
@@ -254,8 +234,7 @@ class StreamApp:
     def _stop_retired(self) -> None:
         """Stop swapped-out embedders that no batch can still use: a batch keeps the embedder
         it was prepared with until it is written, and batches leave the pipeline in order."""
-        pipeline = getattr(self.consumer, "pipeline", None)
-        done = pipeline.completed if pipeline is not None else 0
+        done = self.consumer.batches_completed
         keep = []
         for embedder, submitted in self._retired:
             if submitted <= done:

@@ -1,4 +1,5 @@
-"""Reading the image an event refers to, confined to the configured roots."""
+"""Reading the image an event refers to (confined to the configured roots), and turning it
+into the model's input: one path for the live stream and the replay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import torch
+
+from reid.preprocess import ImageError, Preprocess, crop, decode_image
 from streams.events import DetectionEvent, InvalidEvent
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -58,3 +62,16 @@ def image_bytes(event: DetectionEvent, roots: ImageRoots) -> bytes:
         return event.image_bytes
     assert event.image_uri is not None
     return roots.read(event.image_uri)
+
+
+def crop_pixels(
+    event: DetectionEvent, roots: ImageRoots, preprocess: Preprocess, *, max_pixels: int
+) -> torch.Tensor:
+    """The event's crop as the model's uint8 input: read, decode, crop to the box, resize.
+    An image that cannot be read or decoded is the event's own problem (InvalidEvent)."""
+    data = image_bytes(event, roots)
+    try:
+        image = crop(decode_image(data, max_pixels=max_pixels), event.bbox)
+    except ImageError as err:
+        raise InvalidEvent(err.reason, str(err)) from None
+    return preprocess.to_uint8(image)

@@ -1,4 +1,5 @@
-"""Logging setup: text lines for people, or JSON lines for log shippers (``REID_LOG_FORMAT``).
+"""What an operator reads: logging setup (text lines for people, or JSON lines for log shippers,
+``REID_LOG_FORMAT``) and progress bars for long jobs.
 
 Structured fields ride on ``extra=`` (``log.info("...", extra={"batch_id": 7})``): the JSON
 format writes them as top-level keys, the text format leaves them out (the message already
@@ -13,6 +14,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from tqdm import tqdm
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 MAX_FIELD_CHARS = 512
@@ -73,3 +76,16 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def progress_bar(
+    desc: str, *, total: int | None = None, unit: str = "ev", enabled: bool = True
+) -> tqdm:
+    """A progress bar on stderr for a long job. On a terminal it redraws at most twice a
+    second; elsewhere (logs, CI) it writes a line at most every 5 s, so a log file shows
+    progress without filling up."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        desc=desc, total=total, unit=unit, file=sys.stderr, disable=not enabled,
+        mininterval=0.5 if tty else 5.0, dynamic_ncols=tty,
+    )  # fmt: skip

@@ -8,16 +8,12 @@ the database or the broker raise, so the runner retries the batch without commit
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import torch
@@ -25,94 +21,29 @@ import torch
 from reid.embedder import Embedder, Embeddings
 from reid.gpu_decode import decode_crops
 from reid.matching import BatchAssignment, Gallery, assign_batch, merge_centroid
-from reid.preprocess import ImageError, Preprocess, crop, decode_image
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.records import DeerCentroid, DetectionRow, StoredAssignment
 from sinks.store import PgStore
+from streams.batch import BatchOutcome, PendingEvent, PreparedBatch, SourceMessage
 from streams.events import (
-    DetectionEvent,
     InvalidEvent,
     assignment_event,
     dead_letter_headers,
     parse_detection,
 )
 from streams.gallery import GalleryLoader
-from streams.images import ImageRoots, image_bytes
+from streams.images import ImageRoots, crop_pixels, image_bytes
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SourceMessage:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int | None = None
-
-
-@dataclass
-class BatchOutcome:
-    """What one batch did; the runner commits ``messages`` afterwards."""
-
-    batch_id: int
-    messages: int = 0
-    assigned_existing: int = 0
-    new_deer: int = 0
-    redelivered: int = 0
-    dead_letters: list[tuple[SourceMessage, InvalidEvent]] = field(default_factory=list)
-
-    @property
-    def dead_lettered(self) -> int:
-        return len(self.dead_letters)
-
-    @property
-    def dead_letter_reasons(self) -> dict[str, int]:
-        return dict(Counter(err.reason for _, err in self.dead_letters))
-
-
-@dataclass(eq=False)  # compared by identity: it holds tensors
-class _Pending:
-    """A valid event on its way through the batch."""
-
-    message: SourceMessage
-    event: DetectionEvent
-    pixels: torch.Tensor | None = None
-    row: int | None = None  # its row in the batch's embeddings
-
-    @functools.cached_property
-    def digest(self) -> bytes:
-        return hashlib.sha256(self.message.value or b"").digest()
-
-
-@dataclass
-class PreparedBatch:
-    """A batch between the stages: parsed and decoded by ``prepare``, embedded by ``embed``,
-    written and published by ``finish``. Nothing in it is stored until ``finish``."""
-
-    batch_id: int
-    messages: Sequence[SourceMessage]
-    invalid: list[tuple[SourceMessage, InvalidEvent]]  # failed parsing
-    firsts: list[_Pending]  # first occurrence of each detection_id, in batch order
-    repeats: list[_Pending]  # later occurrences in the same batch
-    undecodable: dict[str, InvalidEvent]  # detection_id -> why its image failed
-    embedder: Embedder | None = None  # the one that embeds it (its version is the batch's)
-    pixels: torch.Tensor | None = None  # uint8 [n, 3, H, W] of the decoded firsts, by row
-    vectors: Embeddings | None = None
-
-    @property
-    def partitions(self) -> set[tuple[str, int]]:
-        return {(m.topic, m.partition) for m in self.messages}
 
 
 class BatchProcessor:
     """Parse, decode, embed, match, persist, publish.
 
     Three stages, each callable from its own thread so that a runner can overlap them
-    (``streams.pipeline``): ``prepare`` (parse, decode and crop in a thread pool), ``embed``
+    (``streams.runners.pipeline``): ``prepare`` (parse, decode and crop in a thread pool), ``embed``
     (one forward pass per backbone) and ``finish`` (match, one database transaction, publish;
     the only stage that touches the store, and the one a runner retries after an outage).
     ``process`` runs the three in a row.
@@ -182,7 +113,7 @@ class BatchProcessor:
         stored = self.store.existing_assignments([p.event.detection_id for p in firsts])
         firsts = self._drop_conflicts(firsts, stored, outcome)
         rejected: dict[str, InvalidEvent] = {}
-        fresh: list[_Pending] = []
+        fresh: list[PendingEvent] = []
         for item in firsts:
             detection_id = item.event.detection_id
             if detection_id in stored:
@@ -223,8 +154,8 @@ class BatchProcessor:
         )  # fmt: skip
 
     def _drop_conflicts(
-        self, items: list[_Pending], stored: dict[str, StoredAssignment], outcome: BatchOutcome
-    ) -> list[_Pending]:
+        self, items: list[PendingEvent], stored: dict[str, StoredAssignment], outcome: BatchOutcome
+    ) -> list[PendingEvent]:
         """A stored detection_id arriving with other content is a conflict, not a redelivery."""
         kept = []
         for item in items:
@@ -237,15 +168,15 @@ class BatchProcessor:
 
     def _settle_repeats(
         self,
-        firsts: list[_Pending],
-        repeats: list[_Pending],
+        firsts: list[PendingEvent],
+        repeats: list[PendingEvent],
         rejected: dict[str, InvalidEvent],
         outcome: BatchOutcome,
-    ) -> list[_Pending]:
+    ) -> list[PendingEvent]:
         """A repeat of a detection_id in one batch shares the fate of its first occurrence
         when the bytes are the same; different content under one id is a conflict."""
         first_by_id = {p.event.detection_id: p for p in firsts}
-        same: list[_Pending] = []
+        same: list[PendingEvent] = []
         for item in repeats:
             first = first_by_id[item.event.detection_id]
             if item.message.value != first.message.value:
@@ -263,14 +194,14 @@ class BatchProcessor:
 
     def _parse(self, batch: PreparedBatch) -> None:
         """Valid events, first occurrence of each detection_id, and the in-batch repeats."""
-        firsts: dict[str, _Pending] = {}
+        firsts: dict[str, PendingEvent] = {}
         for message in batch.messages:
             try:
                 event = parse_detection(message.value, max_bytes=self.settings.max_message_bytes)
             except InvalidEvent as err:
                 batch.invalid.append((message, err))
                 continue
-            item = _Pending(message, event)
+            item = PendingEvent(message, event)
             if event.detection_id in firsts:
                 batch.repeats.append(item)
             else:
@@ -287,7 +218,13 @@ class BatchProcessor:
             self._decode_on_gpu(batch, embedder)
         else:
             preprocess = embedder.preprocess
-            futures = [self._pool.submit(self._pixels, p.event, preprocess) for p in batch.firsts]
+            max_pixels = self.settings.max_image_pixels
+            futures = [
+                self._pool.submit(
+                    crop_pixels, p.event, self.roots, preprocess, max_pixels=max_pixels
+                )
+                for p in batch.firsts
+            ]
             for item, future in zip(batch.firsts, futures, strict=True):
                 try:
                     item.pixels = future.result()
@@ -310,14 +247,6 @@ class BatchProcessor:
             item.pixels = None
         batch.pixels = stacked
 
-    def _pixels(self, event: DetectionEvent, preprocess: Preprocess) -> torch.Tensor:
-        data = image_bytes(event, self.roots)
-        try:
-            image = crop(decode_image(data, max_pixels=self.settings.max_image_pixels), event.bbox)
-        except ImageError as err:
-            raise InvalidEvent(err.reason, str(err)) from None
-        return preprocess.to_uint8(image)
-
     def _decode_on_device(self, embedder: Embedder) -> bool:
         mode = self.settings.gpu_decode
         return mode == "on" or (mode == "auto" and embedder.device.startswith("cuda"))
@@ -327,7 +256,7 @@ class BatchProcessor:
         cropped and resized as one batch on the GPU (others fall back to the CPU path)."""
         assert self._pool is not None
         futures = [self._pool.submit(image_bytes, p.event, self.roots) for p in batch.firsts]
-        readable: list[tuple[_Pending, bytes]] = []
+        readable: list[tuple[PendingEvent, bytes]] = []
         for item, future in zip(batch.firsts, futures, strict=True):
             try:
                 readable.append((item, future.result()))
@@ -347,7 +276,7 @@ class BatchProcessor:
             batch.undecodable[item.event.detection_id] = InvalidEvent(err.reason, str(err))
 
     def _match_persist(
-        self, batch: PreparedBatch, items: list[_Pending], outcome: BatchOutcome
+        self, batch: PreparedBatch, items: list[PendingEvent], outcome: BatchOutcome
     ) -> dict[str, StoredAssignment]:
         assert batch.embedder is not None and batch.vectors is not None
         version = batch.embedder.embedding_version
@@ -397,7 +326,7 @@ class BatchProcessor:
         return {a.detection_id: a for a in result.assignments}
 
     def _publish(
-        self, items: list[_Pending], stored: dict[str, StoredAssignment], outcome: BatchOutcome
+        self, items: list[PendingEvent], stored: dict[str, StoredAssignment], outcome: BatchOutcome
     ) -> None:
         with self._stage("publish"):
             failed_at = datetime.now(UTC)
@@ -463,7 +392,7 @@ class _StageTimer:
         self.histogram.observe(time.perf_counter() - self.t0)
 
 
-def _stored_elsewhere(item: _Pending) -> InvalidEvent:
+def _stored_elsewhere(item: PendingEvent) -> InvalidEvent:
     return InvalidEvent(
         "duplicate_conflict",
         f"detection_id {item.event.detection_id!r} was stored earlier from other content",
@@ -471,7 +400,7 @@ def _stored_elsewhere(item: _Pending) -> InvalidEvent:
 
 
 def _rows(
-    items: list[_Pending], plan: BatchAssignment, vectors: Embeddings, processed_at: datetime
+    items: list[PendingEvent], plan: BatchAssignment, vectors: Embeddings, processed_at: datetime
 ) -> list[DetectionRow]:
     rows = []
     for i, (item, match) in enumerate(zip(items, plan.matches, strict=True)):

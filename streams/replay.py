@@ -35,33 +35,25 @@ command stops with a message instead of replaying from a wrong place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import numpy as np
-import torch
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from reid.embedder import Embedder
-from reid.preprocess import ImageError, crop, decode_image
-from sinks.cache import CacheUnavailable, CentroidCache
+from sinks.cache import CentroidCache
 from sinks.metrics import ReplayMetrics
 from sinks.store import PgStore
-from streams.events import DetectionEvent, InvalidEvent, parse_detection
-from streams.images import ImageRoots, image_bytes
+from streams.logs import progress_bar
+from streams.replay_batch import ReplayBatch, ReplayStats
 from streams.settings import Settings
 from streams.versions import file_sha256, version_spec
 
@@ -81,110 +73,6 @@ def replay_group(settings: Settings, version: str) -> str:
     return f"{settings.group_id}-replay-{re.sub(r'[^A-Za-z0-9._-]', '_', version)}"
 
 
-@dataclass
-class ReplayStats:
-    version: str
-    group: str
-    events: int = 0
-    batches: int = 0
-    results: dict[str, int] = field(default_factory=dict)
-    deer_rebuilt: int = 0
-    elapsed_s: float = 0.0
-    reached_end: bool = False
-    positions: dict[int, int] = field(default_factory=dict)
-
-    def count(self, result: str, n: int = 1) -> None:
-        self.results[result] = self.results.get(result, 0) + n
-
-    @property
-    def events_per_s(self) -> float:
-        return self.events / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["positions"] = {str(p): o for p, o in sorted(self.positions.items())}
-        out["events_per_s"] = round(self.events_per_s, 2)
-        out["stored_per_s"] = round(
-            self.results.get("stored", 0) / self.elapsed_s if self.elapsed_s > 0 else 0.0, 2
-        )
-        out["elapsed_s"] = round(self.elapsed_s, 2)
-        return out
-
-
-class Progress:
-    """A plain-text progress bar on stderr: events done, rate, time left.
-
-    On a terminal it redraws one line; otherwise (logs, CI) it prints a line every 5 s.
-    """
-
-    def __init__(self, label: str, stream: TextIO | None = None, *, enabled: bool = True) -> None:
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.monotonic()
-        self._last = 0.0
-
-    def update(self, done: int, remaining: int | None, *, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not final and now - self._last < (0.5 if self.tty else 5.0):
-            return
-        self._last = now
-        elapsed = max(now - self.t0, 1e-9)
-        rate = done / elapsed
-        total = None if remaining is None else done + remaining
-        if total:
-            width = 30
-            filled = int(width * done / total)
-            bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-            bar += f" ({100 * done / total:.0f}%)"
-        else:
-            bar = f"{done} events"
-        eta = "?" if remaining is None or rate <= 0 else _duration(remaining / rate)
-        line = f"{self.label} {bar} {rate:.1f} ev/s, left {eta}, elapsed {_duration(elapsed)}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100) + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _duration(value: float) -> str:
-    seconds = round(value)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def read_offsets_file(path: Path) -> dict[int, int]:
-    """``{"<partition>": <offset>, ...}``; partitions not named start at the beginning."""
-    try:
-        raw = json.loads(Path(path).read_text())
-        offsets = {int(p): int(o) for p, o in raw.items()}
-    except (OSError, ValueError, AttributeError, TypeError) as err:
-        raise ReplayError(f"{path}: expected a JSON object partition -> offset: {err}") from err
-    if any(o < 0 for o in offsets.values()):
-        raise ReplayError(f"{path}: offsets must be >= 0")
-    return offsets
-
-
-def parse_time(text: str) -> int:
-    """RFC 3339 (``2026-11-02T05:00:00Z``) or Unix milliseconds, as Unix milliseconds."""
-    if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as err:
-        raise ReplayError(f"--from-time {text!r}: not RFC 3339 nor Unix milliseconds") from err
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
 class Replayer:
     """One replay run; see the module docstring. ``start()``, ``run()``, ``stop()``."""
 
@@ -196,7 +84,7 @@ class Replayer:
         version: str,
         weights_path: Path | None = None,
         metrics: ReplayMetrics | None = None,
-        progress: Progress | None = None,
+        progress: bool = False,
         idle_s: float = 2.0,
         follow_live: bool = True,
     ) -> None:
@@ -215,11 +103,11 @@ class Replayer:
         self.cache = (
             CentroidCache(redis_url, key_prefix=settings.cache_key_prefix) if redis_url else None
         )
-        self.roots = ImageRoots(settings.image_roots)
         self._stop = threading.Event()
         self._consumer: Consumer | None = None
         self._live: Consumer | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._batch: ReplayBatch | None = None  # set by start()
         self._partitions: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -246,6 +134,10 @@ class Replayer:
             self.cache.start()
         workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="replay-decode")
+        self._batch = ReplayBatch(
+            self.settings, self.embedder, self.store, self.cache, self.metrics, self._pool,
+            self.version,
+        )  # fmt: skip
         conf = self.settings.consumer_config(self.group)
         self._consumer = Consumer(conf, logger=log)
         if self.follow_live:
@@ -324,13 +216,13 @@ class Replayer:
     ) -> ReplayStats:
         """Replay from ``starts`` until stopped, until the end (``until_end``), or after
         ``max_batches`` stored batches. Returns what it did."""
-        assert self._consumer is not None, "start() first"
+        assert self._consumer is not None and self._batch is not None, "start() first"
         stats = ReplayStats(self.version, self.group)
         t0 = time.monotonic()
         positions = self._resolve(starts)
         stats.positions = dict(positions)
-        if self.progress is not None:
-            self.progress.t0 = time.monotonic()  # the rate counts from here, not the model load
+        # Created here, so that the rate counts from the first batch, not the model load.
+        bar = progress_bar(f"replay {self.version}", enabled=self.progress)
         if self.metrics is not None:
             self.metrics.embedding_info.info({"embedding_version": self.version, "role": "replay"})
         self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
@@ -354,8 +246,8 @@ class Replayer:
                     held.difference_update(release)
             remaining = sum(max(0, ends[p] - positions[p]) for p in self._partitions)
             self.metrics.replay_remaining.set(remaining)
-            if self.progress is not None:
-                self.progress.update(stats.events, remaining)
+            bar.total = stats.events + remaining
+            bar.update(stats.events - bar.n)
             quiet = empty_since is not None and time.monotonic() - empty_since >= self.idle_s
             if until_end and remaining == 0 and quiet:
                 stats.reached_end = True
@@ -366,7 +258,7 @@ class Replayer:
                     empty_since = time.monotonic()
                 continue
             empty_since = None
-            self._replay_batch(batch, stats)
+            self._batch(batch, stats)
             self._commit(batch, positions)
             stats.events += len(batch)
             stats.batches += 1
@@ -376,8 +268,8 @@ class Replayer:
                 break
         stats.elapsed_s = time.monotonic() - t0
         stats.positions = dict(positions)
-        if self.progress is not None:
-            self.progress.update(stats.events, 0 if stats.reached_end else None, final=True)
+        bar.update(stats.events - bar.n)
+        bar.close()
         if stats.reached_end:
             self.store.set_version_state(self.version, "ready")
             self.store.ensure_indexes(self.version)
@@ -464,86 +356,6 @@ class Replayer:
             out.append(msg)
         return out
 
-    def _replay_batch(self, batch: Sequence[Any], stats: ReplayStats) -> None:
-        m = self.metrics
-        parsed: dict[str, tuple[DetectionEvent, bytes]] = {}
-        for msg in batch:
-            try:
-                event = parse_detection(msg.value(), max_bytes=self.settings.max_message_bytes)
-            except InvalidEvent:
-                stats.count("invalid")
-                m.replay_events.labels(result="invalid").inc()
-                continue
-            if event.detection_id in parsed:
-                stats.count("already_stored")  # a repeat within the batch
-                m.replay_events.labels(result="already_stored").inc()
-                continue
-            parsed[event.detection_id] = (event, hashlib.sha256(msg.value() or b"").digest())
-        stored = self.store.replay_lookup(self.version, list(parsed))
-        todo: list[DetectionEvent] = []
-        for detection_id, (event, digest) in parsed.items():
-            found = stored.get(detection_id)
-            result = (
-                "not_stored" if found is None
-                else "conflict" if found[1] is not None and found[1] != digest
-                else "already_stored" if found[2]
-                else None
-            )  # fmt: skip
-            if result is None:
-                todo.append(event)
-            else:
-                stats.count(result)
-                m.replay_events.labels(result=result).inc()
-        if not todo:
-            return
-        assert self._pool is not None
-        t0 = time.perf_counter()
-        futures = [self._pool.submit(self._pixels, event) for event in todo]
-        ready: list[tuple[str, torch.Tensor]] = []
-        for event, future in zip(todo, futures, strict=True):
-            try:
-                ready.append((event.detection_id, future.result()))
-            except InvalidEvent as err:
-                log.warning("replay: %s: %s", event.detection_id, err)
-                stats.count("undecodable")
-                m.replay_events.labels(result="undecodable").inc()
-        m.replay_stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
-        if not ready:
-            return
-        t0 = time.perf_counter()
-        vectors = self.embedder.embed(torch.stack([pixels for _, pixels in ready]))
-        m.replay_stage_seconds.labels(stage="embed").observe(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        rows = [
-            (detection_id, vectors.resnet[i], vectors.effnet[i])
-            for i, (detection_id, _) in enumerate(ready)
-        ]
-        centroids = self.store.store_replayed(self.version, rows)
-        m.replay_stage_seconds.labels(stage="persist").observe(time.perf_counter() - t0)
-        stats.count("stored", len(rows))
-        stats.deer_rebuilt += len(centroids)
-        m.replay_events.labels(result="stored").inc(len(rows))
-        m.replay_batches.inc()
-        if self.cache is not None:
-            # A warm cache of this version stays right; a cold one is loaded in full later.
-            try:
-                self.cache.put(self.version, centroids)
-            except CacheUnavailable as err:
-                log.warning("replay: cache write failed (%s); invalidating %s", err, self.version)
-                try:
-                    self.cache.invalidate(self.version)
-                except CacheUnavailable:
-                    log.warning("replay: the cache of %s may be stale", self.version)
-
-    def _pixels(self, event: DetectionEvent) -> torch.Tensor:
-        # As BatchProcessor._pixels: the same crop and preprocessing as the live stream.
-        data = image_bytes(event, self.roots)
-        try:
-            image = crop(decode_image(data, max_pixels=self.settings.max_image_pixels), event.bbox)
-        except ImageError as err:
-            raise InvalidEvent(err.reason, str(err)) from None
-        return self.embedder.preprocess.to_uint8(image)
-
     def _commit(self, batch: Sequence[Any], positions: dict[int, int]) -> None:
         assert self._consumer is not None
         t0 = time.perf_counter()
@@ -560,130 +372,3 @@ class Replayer:
 
 def _fmt_offsets(offsets: dict[int, int]) -> str:
     return ",".join(f"{p}:{o}" for p, o in sorted(offsets.items())) or "-"
-
-
-def reset_group(settings: Settings, version: str) -> None:
-    """Forget the replay group's committed offsets (commits the beginning of each partition)."""
-    group = replay_group(settings, version)
-    consumer = Consumer(settings.consumer_config(group), logger=log)
-    try:
-        meta = consumer.list_topics(settings.topic_detections, timeout=10)
-        parts = sorted(meta.topics[settings.topic_detections].partitions)
-        starts = []
-        for p in parts:
-            low, _ = consumer.get_watermark_offsets(
-                TopicPartition(settings.topic_detections, p), timeout=10
-            )
-            starts.append(TopicPartition(settings.topic_detections, p, max(low, 0)))
-        consumer.commit(offsets=starts, asynchronous=False)
-    finally:
-        consumer.close()
-
-
-# -- the benchmark ------------------------------------------------------------------------
-def replay_rate(
-    settings: Settings,
-    *,
-    events: int = 200,
-    embedder: Embedder | None = None,
-    weights_path: Path | None = None,
-    reference: int = 6982,
-) -> dict[str, Any]:
-    """Replay rate on the servers the settings name (an embedded stack is fine): a scratch
-    database and topic get ``events`` stored detections (synthetic photos, vectors of a
-    throwaway version), which a replay then re-embeds end to end (Kafka, decode, model,
-    Postgres, commits). Returns detections/s and the time extrapolated to ``reference``
-    detections (the design's reference migration); the scratch database is dropped."""
-    import psycopg
-    from confluent_kafka import Producer
-
-    from reid.matching import merge_centroid
-    from sinks.migrate import migrate
-    from sinks.records import DetectionRow
-    from streams.app import build_embedder
-    from streams.produce import detection_event
-    from streams.synthetic import synthetic_photos
-    from streams.topics import ensure_topics
-
-    tag = uuid.uuid4().hex[:8]
-    base = settings.database_url.get_secret_value()
-    admin_url = base.rsplit("/", 1)[0] + "/postgres"
-    db_name = f"reid_replay_bench_{tag}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(db_name)))
-    db_url = base.rsplit("/", 1)[0] + "/" + db_name
-    s = settings.model_copy(
-        update={
-            "database_url": type(settings.database_url)(db_url),
-            "topic_detections": f"replay-bench-{tag}",
-            "group_id": f"replay-bench-{tag}",
-            "cache_key_prefix": f"replay-bench-{tag}",
-        }
-    )
-    try:
-        migrate(db_url)
-        ensure_topics(s.kafka_common(), [s.topic_detections], 1)
-        photos = synthetic_photos(events, max(1, events // 4), seed=11)
-        producer = Producer(s.producer_config())
-        rows: list[DetectionRow] = []
-        rng = np.random.default_rng(0)
-        now = datetime.now(UTC)
-        for i, (_label, jpeg) in enumerate(photos):
-            event = detection_event(jpeg, f"cam-{i % 4}", detection_id=f"bench-{i}")
-            value = json.dumps(event).encode()
-            producer.produce(s.topic_detections, value, key=event["camera_id"])
-            vec = rng.standard_normal((2, 512)).astype(np.float32)
-            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-            rows.append(DetectionRow(
-                detection_id=event["detection_id"], camera_id=event["camera_id"],
-                captured_at=now, deer_id=None, new_deer=i, is_new_deer=True, similarity=None,
-                score_resnet=None, score_effnet=None, embedding_resnet=vec[0],
-                embedding_effnet=vec[1], bbox=None, confidence=None, species=None,
-                source_topic=s.topic_detections, source_partition=0, source_offset=i,
-                processed_at=now, content_sha256=hashlib.sha256(value).digest(),
-            ))  # fmt: skip
-        producer.flush(30)
-        store = PgStore(db_url)
-        store.start()
-        try:
-            for start in range(0, len(rows), 64):
-                chunk = rows[start : start + 64]
-                for j, r in enumerate(chunk):
-                    r.new_deer = j
-                store.write_batch("bench-origin", len(chunk), chunk, merge_centroid)
-        finally:
-            store.stop()
-        own = embedder is None
-        emb = embedder if embedder is not None else build_embedder(s, weights_path=weights_path)
-        emb.start()
-        replayer = Replayer(
-            s, emb, version=emb.embedding_version, weights_path=weights_path,
-            progress=None, idle_s=0.5, follow_live=False,
-        )  # fmt: skip
-        try:
-            replayer.start()
-            version, device = emb.embedding_version, emb.device
-            stats = replayer.run(replayer.start_offsets(from_beginning=True), until_end=True)
-        finally:
-            replayer.stop()
-            if own:
-                emb.stop()
-        stored = stats.results.get("stored", 0)
-        rate = stored / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
-        return {
-            "events": events,
-            "stored": stored,
-            "elapsed_s": round(stats.elapsed_s, 2),
-            "detections_per_s": round(rate, 2),
-            f"extrapolated_{reference}_s": round(reference / rate, 1) if rate > 0 else None,
-            "embedding_version": version,
-            "device": device,
-            "batch_size": s.batch_max_size,
-        }
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    psycopg.sql.Identifier(db_name)
-                )
-            )

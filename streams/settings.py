@@ -18,6 +18,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from reid.matching import DEFAULT_THRESHOLD, W_EFFNET, W_RESNET
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REID_", extra="forbid", frozen=True)
@@ -91,9 +93,15 @@ class Settings(BaseSettings):
     torch_compile: Literal[
         "off", "on", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = Field("off", description="torch.compile mode (on = max-autotune on CUDA, default on CPU)")
-    threshold: float = Field(0.40, ge=-1.0, le=1.0, description="Ensemble score to join a deer")
-    weight_resnet: float = Field(0.6, ge=0.0, le=1.0, description="Weight of the ResNet score")
-    weight_effnet: float = Field(0.4, ge=0.0, le=1.0, description="Weight of EfficientNet score")
+    # Defaults from the assignment rule itself (reid.matching), so the stream and the offline
+    # tools (reid-eval, bench) start from the same numbers.
+    threshold: float = Field(
+        DEFAULT_THRESHOLD, ge=-1.0, le=1.0, description="Ensemble score to join a deer"
+    )
+    weight_resnet: float = Field(W_RESNET, ge=0.0, le=1.0, description="Weight of the ResNet score")
+    weight_effnet: float = Field(
+        W_EFFNET, ge=0.0, le=1.0, description="Weight of EfficientNet score"
+    )
 
     # Storage
     database_url: SecretStr = Field(

@@ -17,7 +17,7 @@ ZEBRA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zebra"
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:  # noqa: F821
     """One embedded stack for the whole session, stopped at the end whatever happened."""
-    from streams.stack import EmbeddedStack
+    from streams.tools.stack import EmbeddedStack
 
     s = EmbeddedStack(tmp_path_factory.mktemp("stack"))
     try:

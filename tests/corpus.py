@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from streams.produce import detection_event
+from streams.tools.produce import detection_event
 from tests.conftest import ZEBRA_DIR
 
 

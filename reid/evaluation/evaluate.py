@@ -2,10 +2,11 @@
 of a checkpoint on a labelled dataset, as a table, JSON and PNG figures.
 
 Checkpoints: a `reid-ensemble/1` file (what `reid-train` writes for the stream ensemble and
-what `reid-stream` loads), or a `reid-single/1` file (one backbone; see `reid.train`). For
-the ensemble, retrieval uses the stream's score s = 0.6 cos(r) + 0.4 cos(e), i.e. the cosine
-of the concatenation [sqrt(0.6) r, sqrt(0.4) e], so re-ranking and the protocol see exactly
-what the stream compares.
+what `reid-stream` loads), or a `reid-single/1` file (one backbone); both formats are defined
+in `reid.weights`. Data: a training config's held-out split, or a whole dataset
+(`reid.training.data.load_split`). For the ensemble, retrieval uses the stream's score
+s = 0.6 cos(r) + 0.4 cos(e), i.e. the cosine of the concatenation [sqrt(0.6) r, sqrt(0.4) e],
+so re-ranking and the protocol see exactly what the stream compares.
 """
 
 from __future__ import annotations
@@ -24,28 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from reid.config import Config, DataConfig, ModelConfig, load_config, parse_overrides
-from reid.data import (
-    Sample,
-    Split,
-    limit_identities,
-    load_uint8,
-    query_gallery,
-    read_csv,
-    read_folders,
-    read_market1501,
-    split_identities,
+from reid.evaluation import stream_accuracy
+from reid.evaluation.metrics import (
+    RankResult,
+    cosine_distance,
+    evaluate_rank,
+    re_ranking,
+    valid_gallery_mask,
 )
 from reid.matching import DEFAULT_THRESHOLD, W_EFFNET, W_RESNET
-from reid.metrics import RankResult, cosine_distance, evaluate_rank, re_ranking
-from reid.models import EnsembleModel, build_model
 from reid.preprocess import Preprocess
-from reid.weights import CHECKPOINT_FORMAT, WeightsError, load_ensemble
+from reid.training.config import Config, ModelConfig, load_config, parse_overrides
+from reid.training.data import Sample, Split, data_from_path, load_split, load_uint8
+from reid.training.models import EnsembleModel, build_model
+from reid.weights import LoadedEnsemble, load_any_checkpoint, load_ensemble
 
 log = logging.getLogger(__name__)
-
-SINGLE_FORMAT = "reid-single/1"
 
 
 @dataclass
@@ -59,36 +56,18 @@ class EvalModel:
 
 def load_checkpoint(path: str | Path) -> EvalModel:
     """A `reid-ensemble/1` or `reid-single/1` checkpoint, ready for `embed`."""
-    path = Path(path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"checkpoint {path} cannot be read: {exc}") from exc
-    fmt = raw.get("format") if isinstance(raw, dict) else None
-    if fmt == CHECKPOINT_FORMAT:
-        loaded = load_ensemble(path)
+    loaded = load_any_checkpoint(Path(path))
+    if isinstance(loaded, LoadedEnsemble):
         ens = loaded.model
         model = EnsembleModel(ens.resnet, ens.effnet).eval()
         return EvalModel(
-            model,
-            loaded.preprocess,
-            loaded.embedding_version,
-            "ensemble",
-            dict(raw.get("meta") or {}),
+            model, loaded.preprocess, loaded.embedding_version, "ensemble", dict(loaded.meta)
         )
-    if fmt == SINGLE_FORMAT:
-        mcfg = ModelConfig(**{**raw["model"], "pretrained": ""})
-        model = build_model(mcfg)
-        model.load_state_dict(raw["state_dict"])
-        return EvalModel(
-            model.eval(),
-            Preprocess.from_dict(raw["preprocess"]),
-            raw["embedding_version"],
-            "single",
-            dict(raw.get("meta") or {}),
-        )
-    raise WeightsError(
-        f"{path} has format {fmt!r}; expected {CHECKPOINT_FORMAT} or {SINGLE_FORMAT}"
+    # A single backbone is one of training's models: rebuilt from its config, then loaded.
+    model = build_model(ModelConfig(**{**loaded.model_config, "pretrained": ""}))
+    model.load_state_dict(loaded.state_dict)
+    return EvalModel(
+        model.eval(), loaded.preprocess, loaded.embedding_version, "single", dict(loaded.meta)
     )
 
 
@@ -129,6 +108,7 @@ def embed(
     if half and device == "cpu":
         model = model.half()
     out: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=len(samples), desc="embedding", unit="img", disable=not sys.stderr.isatty())
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         pixels = torch.stack(
@@ -150,6 +130,8 @@ def embed(
                 acc[name] = acc.get(name, 0) + e.float()
         for name, e in acc.items():
             out.setdefault(name, []).append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
+        bar.update(len(chunk))
+    bar.close()
     if half and device == "cpu":
         model.float()
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -202,48 +184,6 @@ def _pid(s: Sample) -> object:
     return -1 if s.identity == "-1" else s.identity
 
 
-def load_split(data: DataConfig, *, use_split: bool = True) -> Split:
-    """Train and test (query/gallery) samples of ``data``; without ``use_split`` the whole
-    dataset is the test set (Market-1501 keeps its own split)."""
-    root = Path(data.root)
-    if data.format == "market1501":
-        return read_market1501(root)
-    if data.format == "folders":
-        samples = read_folders(root)
-    else:
-        samples = read_csv(root / data.csv, root, data.camera_field)
-    samples = limit_identities(samples, data.max_identities, data.split_seed, data.test_ids)
-    if not use_split:
-        train, test = [], samples
-    elif data.test_identities > 0 or data.test_ids:
-        train, test = split_identities(
-            samples, data.test_identities, data.split_seed, data.test_ids
-        )
-    else:
-        train, test = samples, []  # train on everything, nothing held out
-    split = query_gallery(test, data.query_mode, data.split_seed)
-    split.train = train
-    return split
-
-
-def data_from_path(path: Path, camera_field: str = "auto") -> DataConfig:
-    if path.suffix == ".csv":
-        return DataConfig(
-            root=str(path.parent),
-            format="csv",
-            csv=path.name,
-            camera_field=camera_field,
-            test_identities=0,
-        )
-    if (path / "bounding_box_test").is_dir():
-        return DataConfig(root=str(path), format="market1501", query_mode="one_per_camera")
-    if (path / "index.csv").is_file():
-        return DataConfig(
-            root=str(path), format="csv", camera_field=camera_field, test_identities=0
-        )
-    return DataConfig(root=str(path), format="folders", test_identities=0)
-
-
 def run_eval(
     em: EvalModel,
     split: Split,
@@ -262,8 +202,6 @@ def run_eval(
     grid_queries: int = 8,
 ) -> dict[str, Any]:
     """All the metrics of one model on one split; figures into ``out_dir`` when given."""
-    from reid import stream_eval
-
     t0 = time.perf_counter()
     samples = list(dict.fromkeys([*split.query, *split.gallery]))
     position = {s: i for i, s in enumerate(samples)}
@@ -303,13 +241,13 @@ def run_eval(
 
     # The stream: every test detection once, in capture order (date, camera, path) or shuffled.
     ids = [s.identity for s in samples]
-    order = stream_eval.replay_order(
+    order = stream_accuracy.replay_order(
         len(samples), [(s.date, s.camera, s.path) for s in samples], seed=stream_seed
     )
     r, e = stream_pair(emb)
-    at = stream_eval.evaluate_stream(r, e, ids, order, threshold, stream_batch)
-    sweep = stream_eval.threshold_sweep(r, e, ids, order, batch_size=stream_batch)
-    best = stream_eval.suggest_threshold(sweep, target_false_merge)
+    at = stream_accuracy.evaluate_stream(r, e, ids, order, threshold, stream_batch)
+    sweep = stream_accuracy.threshold_sweep(r, e, ids, order, batch_size=stream_batch)
+    best = stream_accuracy.suggest_threshold(sweep, target_false_merge)
     result["stream"] = {
         **at.to_dict(),
         "order": "capture" if stream_seed is None else f"random(seed={stream_seed})",
@@ -326,19 +264,9 @@ def run_eval(
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         if plots:
             _figures(
-                out_dir,
-                split,
-                feat,
-                qi,
-                gi,
-                distmat,
-                ids,
-                samples,
-                result,
-                threshold,
-                exclude_same_camera,
+                out_dir, split, feat, distmat, ids, result, threshold, exclude_same_camera,
                 grid_queries,
-            )
+            )  # fmt: skip
     return result
 
 
@@ -346,18 +274,14 @@ def _figures(
     out_dir: Path,
     split: Split,
     feat: np.ndarray,
-    qi: list[int],
-    gi: list[int],
     distmat: np.ndarray,
     ids: list[str],
-    samples: list[Sample],
     result: dict[str, Any],
     threshold: float,
     exclude_same_camera: bool,
     grid_queries: int,
 ) -> None:
-    from reid import plots
-    from reid.metrics import valid_gallery_mask
+    from reid.evaluation import plots  # matplotlib: the optional `train` extra
 
     g_pids = np.array([_pid(s) for s in split.gallery], dtype=object)
     g_cams = np.array([s.camera for s in split.gallery])

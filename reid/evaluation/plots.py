@@ -96,7 +96,7 @@ def ranked_grid(
 ) -> Path:
     """Each row: a query, then its top-k gallery images framed green (right) or red (wrong).
 
-    ``query``/``gallery`` are `reid.data.Sample`s, ``ranked`` the gallery indices per query
+    ``query``/``gallery`` are `reid.training.data.Sample`s, ``ranked`` the gallery indices per query
     after the protocol's exclusions.
     """
     from PIL import Image, ImageDraw

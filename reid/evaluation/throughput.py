@@ -120,20 +120,6 @@ def model_throughput(
     return rows
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one line per (backend, part), one images/s column per batch size."""
-    batches = sorted({r["batch"] for r in rows})
-    keys: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        keys.setdefault((r["backend"], r["part"]), {})[r["batch"]] = r["images_per_s"]
-    head = "| backend | part | " + " | ".join(f"batch {b} img/s" for b in batches) + " |"
-    lines = [head, "|" + " --- |" * (2 + len(batches))]
-    for (backend, part), rates in keys.items():
-        cells = [f"{rates[b]:.1f}" if b in rates else "" for b in batches]
-        lines.append(f"| {backend} | {part} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _resolve_model(model: Any, input_size: int | tuple[int, int] | None) -> tuple[nn.Module, Any]:
     if isinstance(model, Embedder):
         model = model._require()  # the LoadedEnsemble: model and preprocess

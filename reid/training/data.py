@@ -1,8 +1,11 @@
 """Datasets for training and evaluation: readers, identity splits, the PK sampler, transforms.
 
 Readers return `Sample`s. `camera` is whatever separates viewing conditions for the
-evaluation protocol (see `reid.metrics`): Market-1501's camera, or a CSV's `camera` column, or
-its `encounter` (photo burst) when that is what the data has.
+evaluation protocol (see `reid.evaluation.metrics`): Market-1501's camera, or a CSV's `camera`
+column, or its `encounter` (photo burst) when that is what the data has.
+
+`load_split` turns a `DataConfig` into train and held-out query/gallery samples; training and
+`reid-eval` both call it, so a model is judged on exactly the identities it never saw.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
 from reid.preprocess import Preprocess
+from reid.training.config import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -160,6 +164,51 @@ def limit_identities(
     rest = [i for i in ids if i not in set(always)]
     keep = set(always) | set(random.Random(seed).sample(rest, max(0, n - len(always))))
     return [s for s in samples if s.identity in keep]
+
+
+def load_split(data: DataConfig, *, use_split: bool = True) -> Split:
+    """Train and test (query/gallery) samples of ``data``; without ``use_split`` the whole
+    dataset is the test set (Market-1501 keeps its own split)."""
+    root = Path(data.root)
+    if data.format == "market1501":
+        return read_market1501(root)
+    if data.format == "folders":
+        samples = read_folders(root)
+    else:
+        samples = read_csv(root / data.csv, root, data.camera_field)
+    samples = limit_identities(samples, data.max_identities, data.split_seed, data.test_ids)
+    if not use_split:
+        train, test = [], samples
+    elif data.test_identities > 0 or data.test_ids:
+        train, test = split_identities(
+            samples, data.test_identities, data.split_seed, data.test_ids
+        )
+    else:
+        train, test = samples, []  # train on everything, nothing held out
+    split = query_gallery(test, data.query_mode, data.split_seed)
+    split.train = train
+    return split
+
+
+def data_from_path(path: Path, camera_field: str = "auto") -> DataConfig:
+    """The `DataConfig` of a dataset named by its path alone (`reid-eval --data`): a CSV
+    file, a Market-1501 folder, a folder with an `index.csv`, else one folder per identity.
+    Nothing is held out: the caller evaluates it whole."""
+    if path.suffix == ".csv":
+        return DataConfig(
+            root=str(path.parent),
+            format="csv",
+            csv=path.name,
+            camera_field=camera_field,
+            test_identities=0,
+        )
+    if (path / "bounding_box_test").is_dir():
+        return DataConfig(root=str(path), format="market1501", query_mode="one_per_camera")
+    if (path / "index.csv").is_file():
+        return DataConfig(
+            root=str(path), format="csv", camera_field=camera_field, test_identities=0
+        )
+    return DataConfig(root=str(path), format="folders", test_identities=0)
 
 
 def load_uint8(path: str, preprocess: Preprocess) -> torch.Tensor:

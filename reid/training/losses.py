@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid.config import LossConfig
+from reid.training.config import LossConfig
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from reid.backbones import EfficientNetB0Embedder, Ensemble, MultiScaleResNet50
-from reid.config import ModelConfig
+from reid.training.config import ModelConfig
 from reid.weights import WeightsError
 
 _TRUNKS = {

@@ -5,12 +5,14 @@ Outputs in `output_dir`:
   `reid.weights.save_checkpoint`, loaded as is by `reid-stream run|replay`
   (REID_WEIGHTS_PATH); embedding_version `trained-<name>-<sha12 of the weights>`, the
   Preprocess (input size, normalisation) and the resolved config in `meta`. For single
-  backbones a `reid-single/1` checkpoint for `reid-eval` (not the stream):
-  {"format", "embedding_version", "model": ModelConfig fields, "state_dict" (the whole
-  model incl. its BNNeck), "preprocess", "meta"}.
+  backbones a `reid-single/1` checkpoint for `reid-eval` (not the stream), written by
+  `reid.weights.save_single_checkpoint` (both formats are described there).
 - `last.pt`: the training state after each epoch (`--resume` continues from it).
 - `metrics.jsonl`: one line per epoch (loss and its parts, learning rate, time, and held-out
   rank-1/mAP/mINP on evaluation epochs); `curves.png` from it.
+
+Held-out evaluation during training is `reid-eval`'s own run (`reid.evaluation.evaluate`), so
+the numbers in `metrics.jsonl` are the numbers `reid-eval` gives for the same model and split.
 
 The training-only parts (classifiers, ArcFace weights, centres, the members' BNNeck) are in
 `last.pt` but never in the stream checkpoint.
@@ -34,14 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from reid.config import Config, ConfigError, load_config, parse_overrides
-from reid.data import ImageDataset, PKSampler, Split, train_transform
-from reid.evaluate import SINGLE_FORMAT, EvalModel, load_split, run_eval
-from reid.losses import ReIDLoss
-from reid.models import EnsembleModel, build_model
+from reid.evaluation.evaluate import EvalModel, run_eval
 from reid.preprocess import Preprocess
-from reid.weights import save_checkpoint
+from reid.training.config import Config, ConfigError, load_config, parse_overrides
+from reid.training.data import ImageDataset, PKSampler, Split, load_split, train_transform
+from reid.training.losses import ReIDLoss
+from reid.training.models import EnsembleModel, build_model
+from reid.weights import save_checkpoint, save_single_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +86,6 @@ def weights_digest(module: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:12]
-
-
-class Progress:
-    """A one-line progress bar on stderr (no dependency); silent when disabled."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled, self.t0 = total, label, enabled, time.monotonic()
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / max(1, self.total))
-        rate = done / max(1e-9, time.monotonic() - self.t0)
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done}/{self.total} loss {loss:.4f} {rate:.2f} it/s"
-        )
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 class Trainer:
@@ -199,14 +181,20 @@ class Trainer:
             self.model.train()
             self.losses.train()
             t0 = time.perf_counter()
-            bar = Progress(len(self.sampler), f"epoch {epoch + 1}/{t.epochs}", t.progress)
+            bar = tqdm(
+                self.loader,
+                desc=f"epoch {epoch + 1}/{t.epochs}",
+                total=len(self.sampler),
+                unit="batch",
+                disable=not (t.progress and sys.stderr.isatty()),
+            )
             losses, parts_sum = [], {}
-            for i, (images, labels) in enumerate(self.loader):
+            for images, labels in bar:
                 loss, parts = self.train_step(images.to(self.device), labels.to(self.device))
                 losses.append(loss)
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
-                bar.update(i + 1, float(np.mean(losses)))
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "loss": float(np.mean(losses)),
@@ -278,22 +266,18 @@ class Trainer:
             )
         else:
             version = f"trained-{cfg.name}-{weights_digest(self.model)}"
-            model_cfg = {k: v for k, v in cfg.to_dict()["model"].items() if k != "pretrained"}
-            torch.save(
-                {
-                    "format": SINGLE_FORMAT,
-                    "embedding_version": version,
-                    "model": model_cfg,
-                    "state_dict": self.model.state_dict(),
-                    "preprocess": self.preprocess.to_dict(),
-                    "meta": meta,
-                },
+            save_single_checkpoint(
                 path,
+                self.model,
+                model_config=cfg.to_dict()["model"],
+                embedding_version=version,
+                preprocess=self.preprocess,
+                meta=meta,
             )
         self.model.to(self.device)
         self.version = version
         try:
-            from reid import plots
+            from reid.evaluation import plots
 
             plots.training_curves(self.history, self.out_dir / "curves.png")
         except ImportError:

@@ -10,18 +10,15 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from sinks.metrics import StreamMetrics
-from sinks.publisher import PublishError
-from sinks.store import StoreUnavailable
-from streams.lag import LagSampler
-from streams.pipeline import Completed, Pipeline, rewind_offsets
-from streams.processor import BatchOutcome, BatchProcessor, PreparedBatch, SourceMessage
+from streams.batch import BatchOutcome, PreparedBatch, SourceMessage
+from streams.processor import BatchProcessor
+from streams.runners.lag import LagSampler
+from streams.runners.pipeline import Completed, Pipeline, rewind_offsets
+from streams.runners.retry import RETRYABLE, retry_delay
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-# What a batch attempt may fail with and still be retried (the database or the broker).
-RETRYABLE = (StoreUnavailable, PublishError, KafkaException)
 # A revocation waits this long at most for the batches in flight before giving them up.
 REVOKE_DRAIN_S = 30.0
 
@@ -32,7 +29,7 @@ class StreamConsumer:
 
     One thread (the caller of ``run``) does everything with the Kafka client: windowing,
     commits, rebalance callbacks, pause/resume. The stages of the batches in flight run in the
-    pipeline's threads (``streams.pipeline``).
+    pipeline's threads (``streams.runners.pipeline``).
     """
 
     def __init__(
@@ -83,6 +80,14 @@ class StreamConsumer:
         """Finish the batches in flight, commit them, then leave the loop (safe from signal
         handlers and other threads)."""
         self._stop.set()
+
+    @property
+    def batches_submitted(self) -> int:
+        return self.pipeline.submitted
+
+    @property
+    def batches_completed(self) -> int:
+        return self.pipeline.completed
 
     @property
     def stopping(self) -> bool:
@@ -295,15 +300,6 @@ class StreamConsumer:
         self._revoked.update((p.topic, p.partition) for p in partitions)
         for p in partitions:
             self._uncommitted.pop((p.topic, p.partition), None)
-
-
-def retry_delay(metrics: StreamMetrics, attempt: int, err: Exception) -> float:
-    """Count and log failed attempt number ``attempt`` (1, 2, ...) of a batch; the seconds to
-    wait before the next one (0.5, 1, 2, 5, then every 10 s). Both runners use it."""
-    metrics.store_errors.inc()
-    delay = RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)]
-    log.error("batch failed (attempt %d), retrying in %.1fs: %s", attempt, delay, err)
-    return delay
 
 
 def _source(msg: Message) -> SourceMessage:

@@ -1,6 +1,7 @@
 """The faust-streaming runner: a Faust agent windows the input, the same batch processor runs.
 
-``reid-stream run --runner faust`` (the default runner is confluent-kafka, streams/consumer.py).
+``reid-stream run --runner faust`` (the default runner is confluent-kafka,
+streams/runners/confluent.py).
 One agent reads the detections topic with ``stream.noack_take(batch_max_size,
 within=batch_max_wait_ms)``: Faust batches, our :class:`BatchProcessor` does everything else, in
 a worker thread so that the event loop keeps serving the group (heartbeats, rebalances).
@@ -57,8 +58,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sinks.metrics import StreamMetrics
-from streams.consumer import RETRYABLE, retry_delay
-from streams.processor import BatchOutcome, BatchProcessor, SourceMessage
+from streams.batch import BatchOutcome, SourceMessage
+from streams.processor import BatchProcessor
+from streams.runners.retry import RETRYABLE, retry_delay
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ _TRANSLATED = {"security.protocol", "sasl.mechanism", "sasl.username", "ssl.ca.l
 
 
 class FaustRunner:
-    """Same contract as :class:`streams.consumer.StreamConsumer`: ``start()``, a blocking
+    """Same contract as :class:`streams.runners.confluent.StreamConsumer`: ``start()``, a blocking
     ``run(on_batch, between_batches=...)``, ``request_stop()`` from any thread or a signal
     handler, ``stop()``."""
 
@@ -98,6 +100,9 @@ class FaustRunner:
         self._on_batch: Callable[[BatchOutcome], None] | None = None
         self._between_batches: Callable[[], None] | None = None
         self._executor: ThreadPoolExecutor | None = None  # run()'s batch thread
+        # One batch at a time: each leaves the processor before the next is handed over.
+        self._submitted = 0
+        self._completed = 0
 
     def start(self) -> None:
         log.info(
@@ -109,6 +114,14 @@ class FaustRunner:
     def request_stop(self) -> None:
         """Finish the batch in hand, commit it, then leave ``run`` (safe from signal handlers)."""
         self._stop.set()
+
+    @property
+    def batches_submitted(self) -> int:
+        return self._submitted
+
+    @property
+    def batches_completed(self) -> int:
+        return self._completed
 
     @property
     def stopping(self) -> bool:
@@ -212,7 +225,11 @@ class FaustRunner:
         try:
             await self._in_thread(self._idle)
             messages = [_source(e.message) for e in events]
-            outcome = await self._process_with_retry(app, messages)
+            self._submitted += 1
+            try:
+                outcome = await self._process_with_retry(app, messages)
+            finally:
+                self._completed += 1
             if outcome is None:
                 _forget(app, events)
                 self._abandoned_generation = max(e.message.generation_id for e in events)

@@ -26,7 +26,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from streams.processor import BatchOutcome, BatchProcessor, PreparedBatch, SourceMessage
+from streams.batch import BatchOutcome, PreparedBatch, SourceMessage
+from streams.processor import BatchProcessor
 
 log = logging.getLogger(__name__)
 

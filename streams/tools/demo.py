@@ -12,10 +12,10 @@ from typing import Any
 
 from sinks.migrate import migrate
 from streams.app import StreamApp
-from streams.produce import photos_from, produce_events
 from streams.settings import load_settings
-from streams.stack import EmbeddedStack
-from streams.synthetic import synthetic_photos
+from streams.tools.produce import photos_from, produce_events
+from streams.tools.stack import EmbeddedStack
+from streams.tools.synthetic import synthetic_photos
 from streams.topics import ensure_topics, read_topic
 
 log = logging.getLogger(__name__)

@@ -228,12 +228,11 @@ class EmbeddedStack:
         return int((pgdata / "postmaster.pid").read_text().split()[0])
 
     def _create_database(self) -> None:
-        import psycopg
+        from sinks.migrate import create_database
 
         assert self.info is not None
         admin = f"postgresql://postgres@127.0.0.1:{self.info.postgres_port}/postgres"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
+        create_database(admin, DATABASE)
 
     # -- redis ----------------------------------------------------------------------------
     def _start_redis(self) -> int:

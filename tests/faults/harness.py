@@ -41,8 +41,8 @@ from PIL import Image
 from sinks.cache import CentroidCache
 from sinks.migrate import migrate
 from streams.events import rfc3339
-from streams.produce import detection_event
-from streams.stack import EmbeddedStack, free_port
+from streams.tools.produce import detection_event
+from streams.tools.stack import EmbeddedStack, free_port
 from streams.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]

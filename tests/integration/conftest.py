@@ -6,7 +6,7 @@ import os
 import pytest
 
 from sinks.migrate import migrate
-from streams.stack import free_port
+from streams.tools.stack import free_port
 from tests.conftest import ZEBRA_DIR
 
 PARTITIONS = 2

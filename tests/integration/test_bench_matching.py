@@ -7,7 +7,7 @@ import math
 
 import psycopg
 
-from streams.bench_matching import matching_times, vector_search_times
+from streams.tools.bench.matching import matching_times, vector_search_times
 
 
 def test_matching_times_quick_rows() -> None:

@@ -18,12 +18,12 @@ import pytest
 from confluent_kafka import Producer
 from PIL import Image
 
-from reid.config import config_from_dict
 from reid.embedder import Embedder
-from reid.train import Trainer
+from reid.training.config import config_from_dict
+from reid.training.train import Trainer
 from sinks.migrate import migrate
-from streams.produce import detection_event
-from streams.stack import free_port
+from streams.tools.produce import detection_event
+from streams.tools.stack import free_port
 from streams.topics import ensure_topics, read_topic
 from tests.conftest import ZEBRA_DIR
 

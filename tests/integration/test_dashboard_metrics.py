@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from sinks.migrate import migrate
-from streams.produce import detection_event
-from streams.stack import free_port
+from streams.tools.produce import detection_event
+from streams.tools.stack import free_port
 from streams.topics import ensure_topics, read_topic
 from tests.integration.test_stream_end_to_end import produce, stream_consumer, zebra_images
 

@@ -17,8 +17,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sinks.metrics import StreamMetrics
 from sinks.publisher import PublishError
 from sinks.store import StoreUnavailable
-from streams.faust_runner import FaustRunner, build_app
-from streams.processor import BatchOutcome, SourceMessage
+from streams.batch import BatchOutcome, SourceMessage
+from streams.runners.faust import FaustRunner, build_app
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

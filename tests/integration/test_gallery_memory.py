@@ -24,7 +24,7 @@ from sinks.migrate import migrate
 from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow
 from sinks.store import PgStore
 from streams.gallery import GalleryLoader
-from streams.stack import free_port
+from streams.tools.stack import free_port
 
 VERSION = "gallery-v1"
 DIM = 512

@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from sinks.metrics import StreamMetrics
 from streams.health import HealthChecker
-from streams.lag import LagSampler
+from streams.runners.lag import LagSampler
 
 
 def get(port: int, path: str) -> tuple[int, str, dict | str]:

@@ -11,7 +11,7 @@ from collections import Counter
 import psycopg
 import pytest
 
-from streams.produce import detection_event
+from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
 from tests.corpus import bad_events
 from tests.integration.test_stream_end_to_end import produce, stream_consumer, zebra_images

@@ -30,10 +30,10 @@ from sinks.migrate import available, migrate
 from sinks.store import PgStore
 from sinks.versions import index_names
 from streams.app import StreamApp
-from streams.produce import detection_event
+from streams.tools.produce import detection_event
 from streams.replay import Replayer, ReplayError, replay_group
 from streams.settings import Settings
-from streams.synthetic import synthetic_photos
+from streams.tools.synthetic import synthetic_photos
 from streams.topics import ensure_topics, read_topic
 from streams.validate import validate
 from tests.conftest import ZEBRA_DIR

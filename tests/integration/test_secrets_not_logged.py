@@ -8,7 +8,7 @@ import pytest
 
 from sinks.cache import CacheUnavailable, CentroidCache
 from sinks.store import PgStore, StoreUnavailable
-from streams.stack import free_port
+from streams.tools.stack import free_port
 
 SECRET = "Sup3r-s3cret-Pw"
 

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from PIL import Image
 
-from streams.produce import detection_event
+from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
 from tests.conftest import ZEBRA_DIR
 from tests.corpus import bad_events
@@ -60,7 +60,7 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-# The same assertions for both runners (README "Runners"); SIGTERM at the end must exit 0.
+# The same assertions for both runners (docs/delivery.md, Runners); SIGTERM at the end must exit 0.
 @pytest.mark.parametrize("runner", ["confluent", "faust"])
 def test_stream_end_to_end(stack, stream_env, database_url, tmp_path, runner):
     env = stream_env

@@ -5,8 +5,8 @@ from __future__ import annotations
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from sinks.metrics import StreamMetrics
-from streams.consumer import StreamConsumer
-from streams.processor import SourceMessage
+from streams.batch import SourceMessage
+from streams.runners.confluent import StreamConsumer
 from streams.settings import Settings
 
 
@@ -92,8 +92,8 @@ class RewindRecorder(CommitRecorder):
 
 
 def test_an_abandoned_batch_rewinds_owned_partitions_and_commits_only_what_came_before() -> None:
-    from streams.pipeline import Completed
-    from streams.processor import BatchOutcome
+    from streams.batch import BatchOutcome
+    from streams.runners.pipeline import Completed
 
     client = RewindRecorder(owned={0, 1})
     consumer = runner(client)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reid.metrics import cosine_distance, evaluate_rank, re_ranking
+from reid.evaluation.metrics import cosine_distance, evaluate_rank, re_ranking
 
 
 def reference_market1501(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50):

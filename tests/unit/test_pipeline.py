@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from streams.pipeline import Completed, Pipeline, rewind_offsets
-from streams.processor import BatchOutcome, PreparedBatch, SourceMessage
+from streams.batch import BatchOutcome, PreparedBatch, SourceMessage
+from streams.runners.pipeline import Completed, Pipeline, rewind_offsets
 
 
 def msgs(partition: int, *offsets: int) -> list[SourceMessage]:

@@ -30,8 +30,11 @@ def test_matching_does_not_import_torch() -> None:
 
 def test_reid_stays_out_of_streams_and_sinks() -> None:
     loaded = _modules_after(
-        "import reid.preprocess, reid.backbones, reid.weights, reid.embedder, reid.matching"
+        "import reid.preprocess, reid.backbones, reid.weights, reid.embedder, reid.matching,"
+        " reid.onnx_backend, reid.gpu_decode, reid.calibration"
     )
     assert "reid.embedder" in loaded
     leaked = {m for m in loaded if m.split(".")[0] in _FORBIDDEN}
     assert leaked == set()
+    # What the stream runs needs neither the training nor the evaluation code.
+    assert not {m for m in loaded if m.startswith(("reid.training", "reid.evaluation"))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reid.stream_eval import (
+from reid.evaluation.stream_accuracy import (
     StreamResult,
     evaluate_stream,
     replay,

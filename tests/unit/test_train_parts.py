@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.models import mobilenet_v2
 
-from reid.config import ConfigError, LossConfig, ModelConfig, config_from_dict, load_config
-from reid.data import (
+from reid.training.config import ConfigError, LossConfig, ModelConfig, config_from_dict, load_config
+from reid.training.data import (
     PKSampler,
     query_gallery,
     read_csv,
@@ -19,9 +19,9 @@ from reid.data import (
     read_market1501,
     split_identities,
 )
-from reid.losses import ArcFace, ReIDLoss, contrastive_loss, triplet_loss
-from reid.models import build_model, load_trunk_weights
-from reid.train import lr_factor
+from reid.training.losses import ArcFace, ReIDLoss, contrastive_loss, triplet_loss
+from reid.training.models import build_model, load_trunk_weights
+from reid.training.train import lr_factor
 from reid.weights import WeightsError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -192,11 +192,13 @@ def test_training_modules_stay_out_of_the_stream_and_storage():
     import sys
 
     code = (
-        "import reid.train, reid.evaluate, reid.plots, reid.stream_eval, reid.metrics\n"
+        "import reid.training.train, reid.evaluation.evaluate, reid.evaluation.plots,"
+        " reid.evaluation.stream_accuracy, reid.evaluation.metrics,"
+        " reid.evaluation.version_compare\n"
         "import json, sys; print(json.dumps(sorted(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert "reid.train" in loaded
+    assert "reid.training.train" in loaded
     forbidden = ("streams", "sinks", "confluent_kafka", "psycopg", "redis", "prometheus_client")
     assert not {m for m in loaded if m.split(".")[0] in forbidden}

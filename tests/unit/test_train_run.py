@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reid.config import config_from_dict
-from reid.evaluate import load_checkpoint, load_split, model_for_config, run_eval
-from reid.train import Trainer
+from reid.evaluation.evaluate import load_checkpoint, model_for_config, run_eval
+from reid.training.config import config_from_dict
+from reid.training.data import load_split
+from reid.training.train import Trainer
 from reid.weights import load_ensemble
 from tests.conftest import ZEBRA_DIR
 

@@ -1,6 +1,6 @@
 """Benchmarks of matching and of pgvector search, as plain functions returning table rows.
 
-``reid-stream bench`` (``streams.bench``) calls them and prints the tables; they print
+``reid-stream bench`` (``streams.tools.bench``) calls them and prints the tables; they print
 nothing and make no assertions. Timings on a shared machine are noisy: each row carries the
 median and the 95th percentile of several repeats.
 

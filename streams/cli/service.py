@@ -1,0 +1,116 @@
+"""The commands of the live service: `migrate`, `run`, `similar`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from streams.cli.common import settings_from, started_store
+from streams.settings import Settings
+
+log = logging.getLogger("reid-stream")
+
+# The exit status when the shutdown bound passed with a batch still in flight.
+EXIT_ABANDONED = 3
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("run", help="consume detections and publish assignments until SIGTERM")
+    p.add_argument(
+        "--runner", choices=["confluent", "faust"], default="confluent",
+        help="Kafka client driving the batches: confluent-kafka, or a faust-streaming agent "
+        "(needs the `faust` extra; see docs/delivery.md, Runners)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("similar", help="the stored detections most like one (pgvector HNSW)")
+    p.add_argument("detection_id")
+    p.add_argument("-k", type=int, default=5, help="how many (default 5)")
+    p.add_argument("--version", default=None, help="embedding version (default: the active one)")
+    p.add_argument("--ef-search", type=int, default=100, help="HNSW candidate list size")
+    p.set_defaults(func=cmd_similar)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sinks.migrate import migrate
+
+    settings = settings_from(args)
+    applied = migrate(settings.database_url.get_secret_value())
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none (up to date)'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streams.app import StreamApp
+
+    settings = settings_from(args)
+    app = StreamApp(settings, runner=args.runner)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if app.consumer.stopping:
+            return
+        log.info("run: %s received, finishing the batch in hand", signal.Signals(signum).name)
+        app.consumer.request_stop()
+        # A batch stuck on an outage must not hold the process past the bound: exiting
+        # without a commit abandons it, and the group redelivers it to another member.
+        timer = threading.Timer(settings.shutdown_timeout_s, _abandon, args=(settings,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    try:
+        # Switches to a newly activated embedding version between batches (`activate`).
+        app.consumer.run(between_batches=app.between_batches)
+    finally:
+        app.stop()
+    return 0
+
+
+def _abandon(settings: Settings) -> None:
+    log.error(
+        "run: shutdown bound of %.0fs passed; abandoning the in-flight batch uncommitted",
+        settings.shutdown_timeout_s,
+    )
+    logging.shutdown()
+    os._exit(EXIT_ABANDONED)
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from sinks.search import similar_detections, stored_vectors
+
+    settings = settings_from(args)
+    dsn = settings.database_url.get_secret_value()
+    version = args.version
+    if version is None:
+        store = started_store(settings)
+        try:
+            active = store.active_version()
+        finally:
+            store.stop()
+        if active is None:
+            sys.exit("reid-stream: no active embedding version; pass --version")
+        version = active.version
+    with psycopg.connect(dsn, autocommit=True, application_name="reid-similar") as conn:
+        query = stored_vectors(conn, version, args.detection_id)
+        if query is None:
+            sys.exit(f"reid-stream: detection {args.detection_id!r} has no vector of {version!r}")
+        found = similar_detections(
+            conn, version, *query, k=args.k, ef_search=args.ef_search, exclude=args.detection_id,
+            w_resnet=settings.weight_resnet, w_effnet=settings.weight_effnet,
+        )  # fmt: skip
+    for hit in found:
+        doc = {**hit.__dict__, "captured_at": hit.captured_at.isoformat(), "version": version}
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in doc.items()}))
+    return 0

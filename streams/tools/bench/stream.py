@@ -1,0 +1,141 @@
+"""One stream run for the benchmark: events fed to a live StreamApp, timed to the last commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from streams.tools.produce import detection_event
+
+log = logging.getLogger(__name__)
+
+
+def bench_photos(count: int, individuals: int, images: Path | None = None) -> list[bytes]:
+    """Detection crops: the given folder's photos (cycled), else synthetic 256 px crops."""
+    if images is not None:
+        from streams.tools.produce import photos_from
+
+        return [data for _, data in photos_from(images, count)]
+    from streams.tools.synthetic import synthetic_photos
+
+    return [data for _, data in synthetic_photos(count, individuals=individuals)]
+
+
+class EventFeed:
+    """Publishes detection events and remembers when each was produced (for latency)."""
+
+    def __init__(self, producer_config: dict[str, Any], topic: str, cameras: int = 8) -> None:
+        self.topic = topic
+        self.cameras = cameras
+        self.producer = Producer({**producer_config, "enable.idempotence": True, "linger.ms": 5})
+        self.sent_ms: dict[str, float] = {}
+        self._n = 0
+
+    def send(self, photo: bytes) -> str:
+        camera = f"cam-{self._n % self.cameras:02d}"
+        event = detection_event(photo, camera, detection_id=f"bench-{uuid.uuid4().hex}")
+        self._n += 1
+        self.sent_ms[event["detection_id"]] = time.time() * 1000
+        while True:
+            try:
+                self.producer.produce(self.topic, json.dumps(event).encode(), key=camera)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+        return event["detection_id"]
+
+    def flush(self) -> None:
+        if self.producer.flush(60):
+            raise RuntimeError("bench: events not acknowledged by the broker")
+
+
+# -- one stream run -----------------------------------------------------------------------
+@dataclass
+class StreamRun:
+    events: int
+    seconds: float
+    batches: int
+    assignments_ms: dict[str, float]  # detection_id -> when its assignment record was made
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_stream(
+    settings: Any,
+    embedder: Any,
+    photos: list[bytes],
+    *,
+    runner: str,
+    rate: float | None = None,
+    timeout_s: float = 900.0,
+) -> StreamRun:
+    """Start an app on ``settings`` (fresh topics and group), wait until it consumes, then
+    feed ``photos`` (all at once, or at ``rate`` events/s) and time until all are committed."""
+    from streams.app import StreamApp
+    from streams.topics import ensure_topics, read_topic
+
+    topics = [settings.topic_detections, settings.topic_assignments, settings.topic_dead_letters]
+    ensure_topics(settings.kafka_common(), topics, settings.topic_partitions)
+    app = StreamApp(settings, serve_metrics=False, runner=runner, embedder=embedder)
+    feed = EventFeed(settings.producer_config(), settings.topic_detections)
+    done = threading.Event()
+    seen = {"messages": 0, "batches": 0, "target": 1}
+    timing: dict[str, float] = {}
+
+    def on_batch(outcome: Any) -> None:
+        seen["messages"] += outcome.messages
+        seen["batches"] += 1
+        if seen["messages"] >= seen["target"]:
+            timing["end"] = time.perf_counter()
+            done.set()
+
+    app.start()
+    thread = threading.Thread(target=app.consumer.run, args=(on_batch,), daemon=True)
+    thread.start()
+    try:
+        # One event first: the group is joined, the gallery loaded, every stage warm.
+        feed.send(photos[0])
+        feed.flush()
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"bench: {runner} consumed nothing in {timeout_s:.0f}s")
+        done.clear()
+        seen.update(messages=0, batches=0, target=len(photos))
+        timing["start"] = time.perf_counter()
+        for i, photo in enumerate(photos):
+            if rate:
+                _pace(timing["start"], i, rate)
+            feed.send(photo)
+        feed.flush()
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"bench: {runner} did not finish {len(photos)} events in time")
+    finally:
+        app.consumer.request_stop()
+        thread.join(60)
+        app.stop()
+    records = read_topic(
+        settings.kafka_common(), settings.topic_assignments, expected=len(photos) + 1,
+        timeout_s=60,
+    )  # fmt: skip
+    made = {}
+    for record in records:
+        _kind, ts = record.timestamp()
+        made[json.loads(record.value())["detection_id"]] = float(ts)
+    latency = {d: made[d] - feed.sent_ms[d] for d in made if d in feed.sent_ms}
+    return StreamRun(len(photos), timing["end"] - timing["start"], seen["batches"], latency)
+
+
+def _pace(start: float, index: int, rate: float) -> None:
+    wait = start + index / rate - time.perf_counter()
+    if wait > 0:
+        time.sleep(wait)
