@@ -2,10 +2,10 @@
 
 Why: matching is one matmul against every known deer. Reading every centroid from Redis for
 each batch cost more than the matmul itself (about 18 ms per 10k deer plus decoding, so
-seconds at 100k). A worker now reads a version once and then keeps it up to date:
+seconds at 100k). So a worker reads a version once and then keeps it up to date:
 
 - **load once**: the first ``load(version)`` reads every centroid, Redis first, Postgres for
-  what Redis lacks (a cold version, a lost key), exactly as before and with the same metrics;
+  what Redis lacks (a cold version, a lost key), each miss counted in the cache metrics;
   a cold version read from Postgres is written back to Redis as a complete load.
 - **its own batches**: ``put(version, centroids)`` after each commit writes the committed
   centroids into the matrices in place (new deer appended; capacity doubles, so appends are
@@ -315,7 +315,7 @@ class GalleryLoader:
         return held
 
     def _read_all(self, version: str) -> tuple[list[DeerCentroid], bool]:
-        """Redis first, Postgres for what it lacks (counted as before); and whether Redis
+        """Redis first, Postgres for what it lacks (each miss counted); and whether Redis
         served the version (it was warm there)."""
         if self.cache is None:
             return self.store.load_centroids(version), False

@@ -1,9 +1,11 @@
 """The batch processor: raw messages in, rows written and events published out.
 
 It knows nothing of the Kafka client that feeds it: a runner hands it a list of
-:class:`SourceMessage` and commits the offsets only after :meth:`BatchProcessor.process`
-returned. Everything that can fail for a single event becomes a dead letter; failures of
-the database or the broker raise, so the runner retries the batch without committing.
+:class:`~streams.batch.SourceMessage` and runs the three stages (``prepare``, ``embed``,
+``finish``; ``process`` runs them in a row), and commits the offsets only after ``finish``
+returned, that is after the rows are in Postgres and the assignment events acknowledged.
+An event that is bad input becomes a dead letter; failures of the database or the broker
+raise from ``finish``, so the runner retries that stage without committing.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of /metrics (0 = any)")
     shutdown_timeout_s: float = Field(
-        30.0, gt=0, description="SIGTERM: finish the batch within this, else abandon it"
+        30.0, gt=0, description="SIGTERM: exit with code 3 if still blocked after this long"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Python logging level"

@@ -44,6 +44,7 @@ from streams.events import rfc3339
 from streams.tools.produce import detection_event
 from streams.tools.stack import EmbeddedStack, free_port
 from streams.topics import ensure_topics
+from tests.conftest import stream_environment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -296,19 +297,10 @@ class FaultRun:
         self.topic_dead_letters = f"detections.dlq-{unique}"
         self.group = f"reid-faults-{unique}"
         self.cache_prefix = f"reid-faults-{unique}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
-        self.env = {
-            **clean,
-            **WORKER_SETTINGS,
-            "REID_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "REID_DATABASE_URL": database_url,
-            "REID_REDIS_URL": self.redis_url,
-            "REID_TOPIC_DETECTIONS": self.topic,
-            "REID_TOPIC_ASSIGNMENTS": self.topic_assignments,
-            "REID_TOPIC_DEAD_LETTERS": self.topic_dead_letters,
-            "REID_GROUP_ID": self.group,
-            "REID_CACHE_KEY_PREFIX": self.cache_prefix,
-        }
+        self.env = stream_environment(
+            stack, database_url, unique, **WORKER_SETTINGS, REID_GROUP_ID=self.group,
+            REID_CACHE_KEY_PREFIX=self.cache_prefix,
+        )  # fmt: skip
         self.workers: list[Worker] = []
         self.feeders: list[Feeder] = []
         self.stream: Stream | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,9 +22,8 @@ from reid.training.config import config_from_dict
 from reid.training.train import Trainer
 from sinks.migrate import migrate
 from streams.tools.produce import detection_event
-from streams.tools.stack import free_port
 from streams.topics import ensure_topics, read_topic
-from tests.conftest import ZEBRA_DIR
+from tests.conftest import ZEBRA_DIR, stream_environment
 
 PARTITIONS = 2
 
@@ -88,23 +86,14 @@ def test_stream_assigns_with_the_trained_checkpoint(stack, database_url, unique,
     path, version = trained_checkpoint
     assert version.startswith("trained-it-ens-")
     migrate(database_url)
-    env = {
-        "REID_KAFKA_BOOTSTRAP_SERVERS": stack.info.kafka_bootstrap,
-        "REID_DATABASE_URL": database_url,
-        "REID_REDIS_URL": stack.info.redis_url,
-        "REID_TOPIC_DETECTIONS": f"detections-{unique}",
-        "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
-        "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
-        "REID_TOPIC_PARTITIONS": str(PARTITIONS),
-        "REID_GROUP_ID": f"reid-{unique}",
-        "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
-        "REID_SESSION_TIMEOUT_MS": "6000",
-        "REID_BATCH_MAX_SIZE": "4",
-        "REID_BATCH_MAX_WAIT_MS": "100",
-        "REID_WEIGHTS_PATH": str(path),
-        "REID_SHUTDOWN_TIMEOUT_S": "20",
-    }
-    env = {**os.environ, **env, "REID_METRICS_PORT": str(free_port())}
+    env = stream_environment(
+        stack,
+        database_url,
+        unique,
+        REID_TOPIC_PARTITIONS=str(PARTITIONS),
+        REID_BATCH_MAX_SIZE="4",
+        REID_WEIGHTS_PATH=str(path),
+    )
     bootstrap = env["REID_KAFKA_BOOTSTRAP_SERVERS"]
     ensure_topics({"bootstrap.servers": bootstrap},
                   [env["REID_TOPIC_DETECTIONS"], env["REID_TOPIC_ASSIGNMENTS"],

@@ -9,7 +9,6 @@ log lines carry the batch fields and no image bytes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -22,8 +21,8 @@ import yaml
 
 from sinks.migrate import migrate
 from streams.tools.produce import detection_event
-from streams.tools.stack import free_port
 from streams.topics import ensure_topics, read_topic
+from tests.conftest import stream_environment
 from tests.integration.test_stream_end_to_end import produce, stream_consumer, zebra_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,27 +113,16 @@ def wait_for(what: str, condition, timeout_s: float, output=lambda: "") -> Any:
 @pytest.fixture()
 def env(stack, database_url, unique) -> dict[str, str]:
     migrate(database_url)
-    return {
-        **os.environ,
-        "REID_KAFKA_BOOTSTRAP_SERVERS": stack.info.kafka_bootstrap,
-        "REID_DATABASE_URL": database_url,
-        "REID_REDIS_URL": stack.info.redis_url,
-        "REID_TOPIC_DETECTIONS": f"detections-{unique}",
-        "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
-        "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
-        "REID_TOPIC_PARTITIONS": "2",
-        "REID_GROUP_ID": f"reid-{unique}",
-        "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
-        "REID_SESSION_TIMEOUT_MS": "6000",
-        "REID_BATCH_MAX_SIZE": "4",
-        "REID_BATCH_MAX_WAIT_MS": "100",
-        "REID_METRICS_PORT": str(free_port()),
-        "REID_INPUT_SIZE": "64",
-        "REID_LOG_FORMAT": "json",
-        "REID_LAG_INTERVAL_S": "0.5",
-        "REID_HEALTH_INTERVAL_S": "0.5",
-        "REID_SHUTDOWN_TIMEOUT_S": "20",
-    }
+    return stream_environment(
+        stack,
+        database_url,
+        unique,
+        REID_BATCH_MAX_SIZE="4",
+        REID_INPUT_SIZE="64",
+        REID_LOG_FORMAT="json",
+        REID_LAG_INTERVAL_S="0.5",
+        REID_HEALTH_INTERVAL_S="0.5",
+    )
 
 
 def test_dashboard_and_alerts_read_exported_metrics(env: dict[str, str]) -> None:

@@ -17,7 +17,7 @@ Sections (each a list of rows in the JSON, a table on stdout):
    the input fed at about half of the measured maximum throughput.
 6. ``memory``: peak resident memory of the process (the consumer runs in it) and peak GPU
    memory where there is a GPU.
-7. ``replay``: re-embedding rate of stored detections under a new version (issue 5).
+7. ``replay``: re-embedding rate of stored detections under a new version.
 """
 
 from __future__ import annotations

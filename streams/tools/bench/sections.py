@@ -131,7 +131,7 @@ def matching_section(report: BenchReport, plan: BenchPlan, database_url: str, ba
 def replay_section(
     report: BenchReport, plan: BenchPlan, settings_for: Callable[..., Any], embedder: Any
 ) -> None:
-    """Re-embedding stored detections under another version, end to end (issue 5)."""
+    """Re-embedding stored detections under another version, end to end."""
     from streams.tools.bench.replay import replay_rate
 
     row = replay_rate(settings_for(), events=plan.replay_events, embedder=embedder)
