@@ -70,7 +70,9 @@ def unique() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def stream_environment(stack: EmbeddedStack, database_url: str, unique: str, **overrides: str) -> dict[str, str]:
+def stream_environment(
+    stack: EmbeddedStack, database_url: str, unique: str, **overrides: str
+) -> dict[str, str]:
     """The environment of a `reid-stream` process on the session's stack: its own topics,
     consumer group and cache prefix (named after ``unique``), a free metrics port, the zebra
     photos as the image root, and test-sized batches. ``overrides`` (``REID_*`` names) win.
