@@ -1,8 +1,9 @@
 """Reads for the in-memory gallery (``streams.gallery``): the server clock, and the centroids
 written since a given server time.
 
-Kept beside ``PgStore`` (and on its connection, so reconnects and ``StoreUnavailable`` behave
-the same) rather than in it, while that module is being reworked; they may move into it.
+They run on a ``PgStore``'s connection (``PgStore.session``), so that reconnects and
+``StoreUnavailable`` behave as for the batch path; they are apart from the store because only
+the in-memory gallery reads by time.
 
 ``deer_centroids.updated_at`` is set to ``now()`` by every write of a centroid (creation,
 batch update, replay rebuild): the *start* time of the writing transaction, not its commit
@@ -17,11 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from typing import Any
 
-import numpy as np
-from pgvector import Vector
-
+from sinks.pg import centroid_from_row
 from sinks.records import DeerCentroid
 from sinks.store import PgStore
 
@@ -35,7 +33,7 @@ _CHANGED = (
 
 def server_now(store: PgStore) -> datetime:
     """The database server's clock (``now()``), the only clock ``updated_at`` is compared to."""
-    with store._session("server_now") as conn:  # same package: its connection
+    with store.session("server_now") as conn:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
     return row[0]
@@ -54,25 +52,14 @@ def changed_since(
     t0 = time.perf_counter()
     # One transaction: now() is its start, taken before the SELECT's snapshot (read committed
     # takes a snapshot per statement), so nothing committed before `now` is missed.
-    with store._session("changed_since") as conn, conn.transaction():
+    with store.session("changed_since") as conn, conn.transaction():
         now_row = conn.execute("SELECT now()").fetchone()
         with conn.cursor(binary=True) as cur:
             rows = cur.execute(_CHANGED, (embedding_version, since)).fetchall()
     assert now_row is not None
-    centroids = [_centroid(r) for r in rows]
+    centroids = [centroid_from_row(r) for r in rows]
     log.debug(
         "gallery reads: changed version=%s since=%s rows=%d ms=%.1f",
         embedding_version, since.isoformat(), len(centroids), (time.perf_counter() - t0) * 1000,
     )  # fmt: skip
     return centroids, now_row[0]
-
-
-def _floats(vector: Any) -> np.ndarray:
-    if isinstance(vector, Vector):
-        return np.array(vector.to_numpy(), dtype=np.float32)
-    return np.asarray(vector, dtype=np.float32)
-
-
-def _centroid(row: Any) -> DeerCentroid:
-    deer_id, resnet, effnet, count = row
-    return DeerCentroid(int(deer_id), _floats(resnet), _floats(effnet), int(count))

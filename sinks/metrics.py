@@ -40,7 +40,6 @@ FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # Ensemble scores around the default threshold (0.40) are where tuning decisions are made.
 SIMILARITY_BUCKETS = (-0.2, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DECISIONS = ("accepted", "rejected")
-DEPENDENCIES = ("kafka", "postgres", "redis")
 
 
 class StreamMetrics:

@@ -1,7 +1,7 @@
 """Gallery searches over stored detections: the most similar detections of one version.
 
 Candidates come from pgvector's HNSW index on the version's ResNet vectors (the partial index
-``WHERE embedding_version = '<V>'`` of ``sinks.versions``); they are then re-ranked with both
+``WHERE embedding_version = '<V>'`` of ``sinks.registry``); they are then re-ranked with both
 backbones by the stream's ensemble score, ``w_resnet·cos(r) + w_effnet·cos(e)``. The index is
 approximate (recall@5 about 0.9 at ``ef_search=100`` on 100k clustered vectors, see
 docs/BENCHMARKS.md), and asking for ``candidates`` well above ``k`` makes the re-ranking see the
@@ -10,6 +10,9 @@ neighbours the ResNet index alone ranks a little lower.
 The version goes into the SQL as a literal (``psycopg.sql.Literal``), not a parameter: the
 planner can use a partial index only when it sees the value, and a cached generic plan would
 not. The query vector is a parameter.
+
+``similar_to_stored`` is the search by example of ``reid-stream similar``: the query is a stored
+detection's own vectors, on a store's connection.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
+
+from sinks.store import PgStore
 
 _CANDIDATES = """
 WITH c AS (
@@ -104,3 +109,26 @@ def stored_vectors(
     if row is None:
         return None
     return np.asarray(row[0].to_numpy(), np.float32), np.asarray(row[1].to_numpy(), np.float32)
+
+
+def similar_to_stored(
+    store: PgStore,
+    version: str,
+    detection_id: str,
+    *,
+    k: int = 5,
+    ef_search: int = 100,
+    w_resnet: float = 0.6,
+    w_effnet: float = 0.4,
+) -> list[SimilarDetection]:
+    """The ``k`` stored detections of ``version`` most similar to the stored detection
+    ``detection_id`` (itself left out), best first. Raises LookupError when that detection
+    has no vector of ``version``."""
+    with store.session("similar") as conn:
+        query = stored_vectors(conn, version, detection_id)
+        if query is None:
+            raise LookupError(f"detection {detection_id!r} has no vector of {version!r}")
+        return similar_detections(
+            conn, version, *query, k=k, ef_search=ef_search, exclude=detection_id,
+            w_resnet=w_resnet, w_effnet=w_effnet,
+        )  # fmt: skip

@@ -163,7 +163,7 @@ class StreamApp:
         """Start the embedder of the registry's active version (built from its registered
         weights), or else the configured one, registering it as active."""
         s = self.settings
-        active = self.store.active_version()
+        active = self.store.registry.active()
         if active is not None and self._owns_embedder:
             if s.weights_path is not None and str(Path(s.weights_path).resolve()) != (
                 active.weights_path or ""
@@ -178,7 +178,7 @@ class StreamApp:
         if active is not None and self._owns_embedder:
             check_embedder(self.embedder, active)
         else:
-            info = self.store.register_version(
+            info = self.store.registry.register(
                 version_spec(s, self.embedder, s.weights_path), activate_if_none=True
             )
             if info.state != "active":

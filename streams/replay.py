@@ -6,7 +6,7 @@ group only holds its committed offsets), and re-embeds every event that the data
 through the same functions as the live stream (``parse_detection``, ``image_bytes``,
 ``decode_image``/``crop``, ``Embedder.preprocess.to_uint8`` in a decode thread pool, one
 ``Embedder.embed`` forward per batch of ``REID_BATCH_MAX_SIZE``). Per batch, in one
-transaction (``PgStore.store_replayed``): the vectors are upserted per (detection, version)
+transaction (``History.store_replayed``): the vectors are upserted per (detection, version)
 and the version's centroids of the deer they belong to are rebuilt from all of that deer's
 vectors as the re-normalised mean. Deer identities do not change: the assignments stay, only
 their vectors do. Offsets are committed after the transaction, so an interrupted replay
@@ -120,7 +120,7 @@ class Replayer:
                 f"not {self.version!r}"
             )
         self.store.start()
-        known = self.store.version(self.version)
+        known = self.store.registry.get(self.version)
         if known is not None and known.weights_sha256 and self.weights_path is not None:
             digest = file_sha256(self.weights_path)
             if digest != known.weights_sha256:
@@ -128,8 +128,8 @@ class Replayer:
                     f"{self.weights_path} is not the checkpoint registered for {self.version!r} "
                     f"(SHA-256 {digest[:12]}... vs {known.weights_sha256[:12]}...)"
                 )
-        self.store.register_version(version_spec(self.settings, self.embedder, self.weights_path))
-        self.store.set_version_state(self.version, "replaying")
+        self.store.registry.register(version_spec(self.settings, self.embedder, self.weights_path))
+        self.store.registry.set_state(self.version, "replaying")
         if self.cache is not None:
             self.cache.start()
         workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
@@ -271,8 +271,8 @@ class Replayer:
         bar.update(stats.events - bar.n)
         bar.close()
         if stats.reached_end:
-            self.store.set_version_state(self.version, "ready")
-            self.store.ensure_indexes(self.version)
+            self.store.registry.set_state(self.version, "ready")
+            self.store.registry.ensure_indexes(self.version)
         log.info("replay: done %s", json.dumps(stats.summary(), sort_keys=True))
         return stats
 

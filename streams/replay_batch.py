@@ -1,6 +1,6 @@
 """One batch of a replay: re-embed the events the database holds under the replay's version.
 
-Per batch, in one transaction (``PgStore.store_replayed``): the vectors are upserted per
+Per batch, in one transaction (``History.store_replayed``): the vectors are upserted per
 (detection, version) and the version's centroids of the deer they belong to are rebuilt from
 all of that deer's vectors. Events are parsed, read, decoded and cropped exactly as the live
 stream does (``parse_detection``, ``crop_pixels``), so a replayed vector is the vector the
@@ -98,7 +98,7 @@ class ReplayBatch:
                 m.replay_events.labels(result="already_stored").inc()
                 continue
             parsed[event.detection_id] = (event, hashlib.sha256(msg.value() or b"").digest())
-        stored = self.store.replay_lookup(self.version, list(parsed))
+        stored = self.store.history.replay_lookup(self.version, list(parsed))
         todo: list[DetectionEvent] = []
         for detection_id, (event, digest) in parsed.items():
             found = stored.get(detection_id)
@@ -145,7 +145,7 @@ class ReplayBatch:
             (detection_id, vectors.resnet[i], vectors.effnet[i])
             for i, (detection_id, _) in enumerate(ready)
         ]
-        centroids = self.store.store_replayed(self.version, rows)
+        centroids = self.store.history.store_replayed(self.version, rows)
         m.replay_stage_seconds.labels(stage="persist").observe(time.perf_counter() - t0)
         stats.count("stored", len(rows))
         stats.deer_rebuilt += len(centroids)

@@ -36,7 +36,7 @@ def validate(
     store = PgStore(settings.database_url.get_secret_value())
     store.start()
     try:
-        pairs = store.paired_vectors(old, new)
+        pairs = store.history.paired_vectors(old, new)
     finally:
         store.stop()
     if len(pairs["deer_ids"]) == 0:

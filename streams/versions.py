@@ -1,6 +1,6 @@
 """Which embedding version the live consumer runs, and switching it without a restart.
 
-The registry (``embedding_versions``, see ``sinks.versions``) names the active version and
+The registry (``embedding_versions``, see ``sinks.registry``) names the active version and
 how to build its embedder (a checkpoint path with its SHA-256, or the seed and input size of
 the fallback initialisation). ``reid-stream activate V`` only changes the registry; every
 live consumer polls it between batches (at most every ``REID_VERSION_POLL_S`` seconds, one
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 from sinks.cache import CentroidCache
 from sinks.metrics import StreamMetrics
+from sinks.registry import VersionInfo, VersionSpec
 from sinks.store import PgStore
-from sinks.versions import VersionInfo, VersionSpec
 from streams.gallery import GalleryLoader
 from streams.settings import Settings
 
@@ -179,7 +179,7 @@ class VersionSwitch:
             return None
         self._next_poll = now + self.poll_s
         try:
-            active = self.store.active_version()
+            active = self.store.registry.active()
         except Exception as err:  # a store outage: the batch path reports it; try again later
             log.debug("versions: poll failed: %s", err)
             return None

@@ -86,30 +86,26 @@ def _abandon(settings: Settings) -> None:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    import psycopg
-
-    from sinks.search import similar_detections, stored_vectors
+    from sinks.search import similar_to_stored
 
     settings = settings_from(args)
-    dsn = settings.database_url.get_secret_value()
-    version = args.version
-    if version is None:
-        store = started_store(settings)
+    store = started_store(settings)
+    try:
+        version = args.version
+        if version is None:
+            active = store.registry.active()
+            if active is None:
+                sys.exit("reid-stream: no active embedding version; pass --version")
+            version = active.version
         try:
-            active = store.active_version()
-        finally:
-            store.stop()
-        if active is None:
-            sys.exit("reid-stream: no active embedding version; pass --version")
-        version = active.version
-    with psycopg.connect(dsn, autocommit=True, application_name="reid-similar") as conn:
-        query = stored_vectors(conn, version, args.detection_id)
-        if query is None:
-            sys.exit(f"reid-stream: detection {args.detection_id!r} has no vector of {version!r}")
-        found = similar_detections(
-            conn, version, *query, k=args.k, ef_search=args.ef_search, exclude=args.detection_id,
-            w_resnet=settings.weight_resnet, w_effnet=settings.weight_effnet,
-        )  # fmt: skip
+            found = similar_to_stored(
+                store, version, args.detection_id, k=args.k, ef_search=args.ef_search,
+                w_resnet=settings.weight_resnet, w_effnet=settings.weight_effnet,
+            )  # fmt: skip
+        except LookupError as err:
+            sys.exit(f"reid-stream: {err}")
+    finally:
+        store.stop()
     for hit in found:
         doc = {**hit.__dict__, "captured_at": hit.captured_at.isoformat(), "version": version}
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in doc.items()}))

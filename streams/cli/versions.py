@@ -162,19 +162,19 @@ def cmd_activate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     store = started_store(settings)
     try:
-        info = store.version(args.version)
+        info = store.registry.get(args.version)
         if info is None:
             print(f"reid-stream activate: unknown version {args.version!r}; replay it first "
                   "(reid-stream versions lists them)", file=sys.stderr)  # fmt: skip
             return 2
-        cover = store.version_coverage(args.version)
+        cover = store.registry.coverage(args.version)
         missing = cover["detections"] - cover["vectors"]
         if missing > 0 and not args.force:
             print(f"reid-stream activate: {missing} of {cover['detections']} stored detections "
                   f"have no {args.version} vector; run the replay again (it resumes where it "
                   "stopped) or pass --force", file=sys.stderr)  # fmt: skip
             return 2
-        info = store.activate_version(args.version)
+        info = store.registry.activate(args.version)
     finally:
         store.stop()
     # Warm Redis now, so that the consumers' own warm-up (and any consumer that restarts)
@@ -191,8 +191,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
     store = started_store(settings)
     try:
         rows = []
-        for info in store.versions():
-            cover = store.version_coverage(info.version)
+        for info in store.registry.versions():
+            cover = store.registry.coverage(info.version)
             rows.append({"version": info.version, "state": info.state,
                          "vectors": cover["vectors"], "detections": cover["detections"],
                          "centroids": cover["centroids"], "deer": cover["deer"],
@@ -214,7 +214,7 @@ def cmd_drop_version(args: argparse.Namespace) -> int:
         return 2
     store = started_store(settings)
     try:
-        dropped = store.drop_version(args.version)
+        dropped = store.registry.drop(args.version)
     except ValueError as err:
         print(f"reid-stream drop-version: {err}", file=sys.stderr)
         return 2

@@ -27,12 +27,12 @@ from reid.preprocess import Preprocess
 from reid.weights import build_seeded, save_checkpoint
 from sinks.cache import CentroidCache
 from sinks.migrate import available, migrate
+from sinks.registry import index_names
 from sinks.store import PgStore
-from sinks.versions import index_names
 from streams.app import StreamApp
-from streams.tools.produce import detection_event
 from streams.replay import Replayer, ReplayError, replay_group
 from streams.settings import Settings
+from streams.tools.produce import detection_event
 from streams.tools.synthetic import synthetic_photos
 from streams.topics import ensure_topics, read_topic
 from streams.validate import validate
@@ -389,14 +389,14 @@ def test_migration_moves_existing_rows(database_url: str) -> None:
     store = PgStore(database_url)
     store.start()
     try:
-        active = store.active_version()
+        active = store.registry.active()
         assert active is not None and active.version == "old-v"
         (centroid,) = store.load_centroids("old-v")
         assert centroid.deer_id == 7 and centroid.sightings == 1
         np.testing.assert_allclose(centroid.resnet, v[0], atol=1e-7)
         assert store.deer_count("old-v") == 1
-        assert store.version_coverage("old-v")["vectors"] == 1
-        pairs = store.paired_vectors("old-v", "old-v")
+        assert store.registry.coverage("old-v")["vectors"] == 1
+        pairs = store.history.paired_vectors("old-v", "old-v")
         np.testing.assert_allclose(pairs["old_resnet"][0], v[2], atol=1e-7)
         assert store.existing_assignments(["d1"])["d1"].embedding_version == "old-v"
     finally:
@@ -414,7 +414,7 @@ def test_replay_group_names_are_safe() -> None:
 
 def test_replay_rate_benchmark_replays_every_detection(stack) -> None:
     """The benchmark's function: a scratch database and topic, every event re-embedded."""
-    from streams.replay import replay_rate
+    from streams.tools.bench.replay import replay_rate
 
     settings = Settings(
         kafka_bootstrap_servers=stack.info.kafka_bootstrap,

@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from sinks.migrate import available, migrate
+from sinks.registry import VersionSpec
 from sinks.store import PgStore
-from sinks.versions import VersionSpec
 
 
 def test_migrate_creates_schema_and_hnsw_indexes(database_url: str) -> None:
@@ -48,7 +48,7 @@ def test_migrate_creates_schema_and_hnsw_indexes(database_url: str) -> None:
     store = PgStore(database_url)
     store.start()
     try:
-        store.register_version(VersionSpec("v-test"))
+        store.registry.register(VersionSpec("v-test"))
     finally:
         store.stop()
     with psycopg.connect(database_url) as conn:

@@ -14,7 +14,7 @@ from reid.evaluation.version_compare import (
     threshold_for_false_merge_rate,
     version_scores,
 )
-from sinks.versions import create_index_statements, index_names, index_tag
+from sinks.registry import create_index_statements, index_names, index_tag
 from streams.cli.versions import parse_time, read_offsets_file
 from streams.logs import progress_bar
 

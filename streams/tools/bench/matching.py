@@ -19,9 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +33,9 @@ from reid.matching import (
 )
 from sinks.records import DeerCentroid
 from streams.gallery import GalleryMatrix
+
+if TYPE_CHECKING:
+    from sinks.search_bench import ScratchVectors
 
 log = logging.getLogger(__name__)
 
@@ -178,29 +180,6 @@ def matching_times(
 
 # -- pgvector ------------------------------------------------------------------------------
 
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
-
-
-def _copy_rows(ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """Rows (bigint, vector) in PostgreSQL's binary COPY format, built by numpy in one go.
-
-    pgvector's binary form of a vector: uint16 dim, uint16 unused, then big-endian float32s.
-    """
-    dim = vectors.shape[1]
-    row = np.dtype(
-        [("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("vec_len", ">i4"),
-         ("dim", ">u2"), ("unused", ">u2"), ("vec", ">f4", (dim,))]
-    )  # fmt: skip
-    out = np.zeros(len(ids), dtype=row)
-    out["fields"] = 2
-    out["id_len"] = 8
-    out["id"] = ids
-    out["vec_len"] = 4 + 4 * dim
-    out["dim"] = dim
-    out["vec"] = vectors
-    return out.tobytes()
-
 
 def _clustered(
     rng: np.random.Generator, n: int, per_animal: int, dim: int = DIM
@@ -233,30 +212,21 @@ def vector_search_times(
     ``maintenance_work_mem`` (None: about 5 KiB per row) must hold the whole graph, or the
     build spills to disk and slows down many times (1M rows: about 5 GB).
     """
-    import psycopg
-    from pgvector.psycopg import register_vector
-    from psycopg import sql
+    from sinks.search_bench import ScratchVectors
 
     rows: list[dict[str, Any]] = []
-    with psycopg.connect(database_url, autocommit=True, application_name="reid-bench") as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        register_vector(conn)
-        for size in sizes:
-            table = sql.Identifier(f"bench_vectors_{uuid.uuid4().hex[:10]}")
-            rng = np.random.default_rng(seed)
-            mwm = maintenance_work_mem or f"{max(256, math.ceil(size * 5 / 1024))}MB"
-            try:
-                rows += _search_one_size(
-                    conn, table, rng, size, k, queries, ef_search, exact_queries, per_animal, mwm,
-                )  # fmt: skip
-            finally:
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+    for size in sizes:
+        rng = np.random.default_rng(seed)
+        mwm = maintenance_work_mem or f"{max(256, math.ceil(size * 5 / 1024))}MB"
+        with ScratchVectors(database_url, DIM) as table:
+            rows += _search_one_size(
+                table, rng, size, k, queries, ef_search, exact_queries, per_animal, mwm,
+            )  # fmt: skip
     return rows
 
 
 def _search_one_size(
-    conn: Any,
-    table: Any,
+    table: ScratchVectors,
     rng: np.random.Generator,
     size: int,
     k: int,
@@ -266,59 +236,38 @@ def _search_one_size(
     per_animal: int,
     maintenance_work_mem: str,
 ) -> list[dict[str, Any]]:
-    from psycopg import sql
-
-    conn.execute(
-        sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, embedding vector({}) NOT NULL)").format(
-            table, sql.Literal(DIM)
-        )
-    )
-    conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET STORAGE PLAIN").format(table))
-
     # Load: binary COPY in chunks of generated vectors (1M x 512 floats is 2 GB at once).
     t0 = time.perf_counter()
     animals_seen: list[np.ndarray] = []
     chunk = 50_000
-    with (
-        conn.cursor() as cur,
-        cur.copy(
-            sql.SQL("COPY {} (id, embedding) FROM STDIN WITH (FORMAT BINARY)").format(table)
-        ) as copy,
-    ):
-        copy.write(_COPY_HEADER)
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, size, chunk):
             n = min(chunk, size - start)
             vectors, animals = _clustered(rng, n, per_animal)
             animals_seen.append(animals)
-            copy.write(_copy_rows(np.arange(start + 1, start + n + 1), vectors))
-        copy.write(_COPY_TRAILER)
+            yield np.arange(start + 1, start + n + 1), vectors
+
+    table.load(chunks())
     load_s = time.perf_counter() - t0
-    stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
+    stored = table.count()
     if stored != size:
         raise RuntimeError(f"bench search: loaded {stored} rows, meant {size}")
-    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+    table.analyze()
     log.info("bench search: %d rows loaded in %.1f s (%.0f rows/s)", size, load_s, size / load_s)
 
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
     t0 = time.perf_counter()
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops) "
-            "WITH (m = 16, ef_construction = 64)"
-        ).format(table)
-    )
+    table.build_index(maintenance_work_mem)
     build_s = time.perf_counter() - t0
-    conn.execute("RESET maintenance_work_mem")
     log.info("bench search: HNSW index on %d rows built in %.1f s", size, build_s)
 
     # Queries: new sightings of stored animals.
     animals = np.concatenate(animals_seen)
     qs = _noisy(rng, animals[rng.integers(len(animals), size=max(queries, exact_queries))])
-    query = sql.SQL("SELECT id FROM {} ORDER BY embedding <=> %s LIMIT %s").format(table)
 
     def run(q: np.ndarray) -> tuple[list[int], float]:
         t = time.perf_counter()
-        ids = [r[0] for r in conn.execute(query, (q, k)).fetchall()]
+        ids = table.top_k(q, k)
         return ids, time.perf_counter() - t
 
     common = {"rows": size, "k": k, "load_s": round(load_s, 2), "build_s": round(build_s, 2),
@@ -326,20 +275,15 @@ def _search_one_size(
     out: list[dict[str, Any]] = []
 
     # Exact first (index scans off): the reference for recall.
-    conn.execute("SET enable_indexscan = off")
-    conn.execute("SET enable_bitmapscan = off")
-    try:
-        plan = conn.execute(sql.SQL("EXPLAIN ") + query, (qs[0], k)).fetchall()
-        assert not any("hnsw" in str(p[0]).lower() or "Index" in str(p[0]) for p in plan), plan
+    with table.exact():
+        plan = table.plan(qs[0], k)
+        assert not any("hnsw" in p.lower() or "Index" in p for p in plan), plan
         run(qs[0])  # warm-up
         exact_ids, exact_s = [], []
         for q in qs[:exact_queries]:
             ids, s = run(q)
             exact_ids.append(set(ids))
             exact_s.append(s)
-    finally:
-        conn.execute("RESET enable_indexscan")
-        conn.execute("RESET enable_bitmapscan")
     med, p95 = _ms(exact_s)
     out.append(
         {**common, "search": "exact", "ef_search": None, "queries": len(exact_s),
@@ -348,27 +292,25 @@ def _search_one_size(
     log.info("bench search: %s", out[-1])
 
     # With the index: on small tables the planner may prefer a scan at a high ef_search.
-    conn.execute("SET enable_seqscan = off")
-    for ef in ef_search:
-        conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(int(ef))))
-        plan = conn.execute(sql.SQL("EXPLAIN ") + query, (qs[0], k)).fetchall()
-        uses_index = any("Index Scan" in str(p[0]) for p in plan)
-        for q in qs[:3]:
-            run(q)  # warm-up: the index's pages into the cache
-        times, hits = [], 0
-        for i, q in enumerate(qs[:queries]):
-            ids, s = run(q)
-            times.append(s)
-            if i < len(exact_ids):
-                hits += len(exact_ids[i] & set(ids))
-        med, p95 = _ms(times)
-        recall = hits / (k * min(len(exact_ids), len(times))) if exact_ids else None
-        out.append(
-            {**common, "search": "hnsw" if uses_index else "hnsw (planner chose a scan)",
-             "ef_search": int(ef), "queries": len(times), "query_ms_median": med,
-             "query_ms_p95": p95, "recall_at_k": None if recall is None else round(recall, 4)}
-        )  # fmt: skip
-        log.info("bench search: %s", out[-1])
-    conn.execute("RESET hnsw.ef_search")
-    conn.execute("RESET enable_seqscan")
+    with table.indexed():
+        for ef in ef_search:
+            table.set_ef_search(ef)
+            plan = table.plan(qs[0], k)
+            uses_index = any("Index Scan" in p for p in plan)
+            for q in qs[:3]:
+                run(q)  # warm-up: the index's pages into the cache
+            times, hits = [], 0
+            for i, q in enumerate(qs[:queries]):
+                ids, s = run(q)
+                times.append(s)
+                if i < len(exact_ids):
+                    hits += len(exact_ids[i] & set(ids))
+            med, p95 = _ms(times)
+            recall = hits / (k * min(len(exact_ids), len(times))) if exact_ids else None
+            out.append(
+                {**common, "search": "hnsw" if uses_index else "hnsw (planner chose a scan)",
+                 "ef_search": int(ef), "queries": len(times), "query_ms_median": med,
+                 "query_ms_p95": p95, "recall_at_k": None if recall is None else round(recall, 4)}
+            )  # fmt: skip
+            log.info("bench search: %s", out[-1])
     return out
