@@ -36,7 +36,8 @@ import pytest
 
 WRITE_ENV = "REID_WRITE_RELIABILITY"
 COMMAND = (
-    "REID_WRITE_RELIABILITY=1 pytest -m faults tests/faults tests/integration/test_hostile_input.py"
+    "REID_WRITE_RELIABILITY=1 pytest -m faults tests/faults "
+    "tests/integration/test_streams_hostile_input.py"
 )
 SIDECAR = Path("reports") / "reliability.json"
 DOCUMENT = Path("docs") / "RELIABILITY.md"

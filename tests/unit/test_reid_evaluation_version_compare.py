@@ -1,8 +1,6 @@
-"""Pure parts of replay and validate: the version comparison, thresholds, progress, inputs."""
+"""The comparison of two embedding versions behind `reid-stream validate` (pure numpy)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -14,9 +12,6 @@ from reid.evaluation.version_compare import (
     threshold_for_false_merge_rate,
     version_scores,
 )
-from sinks.registry import create_index_statements, index_names, index_tag
-from streams.cli.versions import parse_time, read_offsets_file
-from streams.logs import progress_bar
 
 
 def clusters(rng: np.random.Generator, deer: int, per: int, noise: float, dim: int = 32):
@@ -80,37 +75,3 @@ def test_compare_sees_a_worse_version() -> None:
     assert result["best_deer_changed"] > 0.3
     assert result["old"]["true_match"]["quantiles"]["p50"] > result["new"]["true_match"][
         "quantiles"]["p50"]  # fmt: skip
-
-
-def test_progress_prints_count_rate_and_time_left(capsys: pytest.CaptureFixture[str]) -> None:
-    bar = progress_bar("replay v", total=200)
-    bar.update(50)
-    bar.close()
-    line = capsys.readouterr().err
-    assert "replay v" in line and "50/200" in line and "ev/s" in line and "<" in line
-    quiet = progress_bar("x", total=2, enabled=False)
-    quiet.update(1)
-    quiet.close()
-    assert capsys.readouterr().err == ""
-
-
-def test_offsets_file_and_times(tmp_path) -> None:
-    f = tmp_path / "o.json"
-    f.write_text(json.dumps({"0": 12, "3": 0}))
-    assert read_offsets_file(f) == {0: 12, 3: 0}
-    f.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="partition -> offset"):
-        read_offsets_file(f)
-    assert parse_time("1700000000000") == 1_700_000_000_000
-    assert parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
-    with pytest.raises(ValueError, match="RFC 3339"):
-        parse_time("yesterday")
-
-
-def test_index_ddl_quotes_the_version() -> None:
-    odd = "v'; DROP TABLE deer; --"
-    names = index_names(odd)
-    assert len(set(names)) == 4 and all(index_tag(odd) in n for n in names)
-    for statement in create_index_statements(odd):
-        text = statement.as_string(None)
-        assert "'v''; DROP TABLE deer; --'" in text  # a quoted literal, not SQL

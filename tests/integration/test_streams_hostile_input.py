@@ -14,7 +14,7 @@ import pytest
 from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
 from tests.corpus import bad_events
-from tests.integration.test_stream_end_to_end import produce, stream_consumer, zebra_images
+from tests.integration.test_streams_end_to_end import produce, stream_consumer, zebra_images
 
 # Part of the delivery guarantees: `pytest -m faults` runs it beside the fault scenarios.
 pytestmark = pytest.mark.faults
@@ -100,7 +100,7 @@ def test_every_bad_event_is_dead_lettered_with_its_reason(
     assert stored == good_ids and assigned == good_ids
     assert len(dead) == expected_dead
     for row in rows:
-        reliability.record(row, command="pytest tests/integration/test_hostile_input.py")
+        reliability.record(row, command="pytest tests/integration/test_streams_hostile_input.py")
 
 
 def _id(value: bytes) -> str | None:

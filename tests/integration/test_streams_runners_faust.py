@@ -2,7 +2,8 @@
 
 The batch processor is replaced by a recorder (what is under test is when offsets are
 committed, not what a batch does); the full path with the real processor, store and publisher
-is ``test_stream_end_to_end[faust]``, which also checks that SIGTERM exits 0 after committing.
+is ``test_streams_end_to_end.py::test_stream_end_to_end[faust]``, which also checks that
+SIGTERM exits 0 after committing.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path, runner):
         )
         good.append(("cam-uri", json.dumps(event).encode()))
     good.append(good[0])  # the same detection delivered twice
-    # A few kinds of bad input (tests/integration/test_hostile_input.py has them all).
+    # A few kinds of bad input (test_streams_hostile_input.py has them all).
     corpus = bad_events(tmp_path / "images", max_message_bytes=8_000_000)
     bad = [(b.value, b.reason) for b in corpus[:12:2]]
     bad.append(bad[3])  # a bad event delivered twice: two dead letters
