@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import uuid
@@ -17,7 +18,32 @@ if TYPE_CHECKING:
 # RELIABILITY.md rows recorded by the fault and hostile-input tests (see the module).
 pytest_plugins = ("tests.faults.report",)
 
-ZEBRA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zebra"
+# Real zebra photos kept in the repository (68 images of 10 animals, CC BY-SA: see its
+# README), so that a fresh clone tests itself.
+ZEBRA_DIR = Path(__file__).resolve().parent / "data" / "zebra"
+# The whole set (362 images of 35 animals) beside the clone on the project's machines; tests
+# that need more than the subset call full_zebra_dir(), which skips where it is absent.
+FULL_ZEBRA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "zebra"
+
+
+def full_zebra_dir() -> Path:
+    """The whole zebra set, or a skip that says where it was looked for."""
+    if not (FULL_ZEBRA_DIR / "meta.csv").is_file():
+        pytest.skip(f"needs the full zebra set (35 animals) at {FULL_ZEBRA_DIR}; "
+                    "the subset in tests/data/zebra is too small for it")  # fmt: skip
+    return FULL_ZEBRA_DIR
+
+
+def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
+    """(identity, path) of the first ``per_individual`` photos of the ``individuals`` animals
+    with the most photos in the in-repository subset."""
+    by_id: dict[str, list[Path]] = {}
+    with open(ZEBRA_DIR / "index.csv") as f:
+        for row in csv.DictReader(f):
+            by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
+    chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
+    assert len(chosen) == individuals, f"the subset has {len(by_id)} animals"
+    return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import yaml
 from sinks.migrate import migrate
 from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
-from tests.conftest import stream_environment
-from tests.integration.test_streams_end_to_end import produce, stream_consumer, zebra_images
+from tests.conftest import stream_environment, zebra_images
+from tests.integration.test_streams_end_to_end import produce, stream_consumer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "reid-stream.json"

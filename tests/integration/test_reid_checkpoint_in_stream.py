@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -23,18 +21,9 @@ from reid.training.train import Trainer
 from sinks.migrate import migrate
 from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
-from tests.conftest import ZEBRA_DIR, stream_environment
+from tests.conftest import ZEBRA_DIR, stream_environment, zebra_images
 
 PARTITIONS = 2
-
-
-def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
-    by_id: dict[str, list[Path]] = {}
-    with open(ZEBRA_DIR / "index.csv") as f:
-        for row in csv.DictReader(f):
-            by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
-    chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
-    return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
 
 
 def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> None:

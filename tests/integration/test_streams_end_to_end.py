@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import signal
 import subprocess
@@ -12,7 +11,6 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,18 +19,9 @@ from PIL import Image
 
 from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
-from tests.conftest import ZEBRA_DIR
+from tests.conftest import ZEBRA_DIR, zebra_images
 from tests.corpus import bad_events
 from tests.integration.conftest import PARTITIONS
-
-
-def zebra_images(individuals: int, per_individual: int) -> list[tuple[str, Path]]:
-    by_id: dict[str, list[Path]] = {}
-    with open(ZEBRA_DIR / "index.csv") as f:
-        for row in csv.DictReader(f):
-            by_id.setdefault(row["identity"], []).append(ZEBRA_DIR / row["path"])
-    chosen = sorted(by_id, key=lambda k: -len(by_id[k]))[:individuals]
-    return [(who, path) for who in chosen for path in sorted(by_id[who])[:per_individual]]
 
 
 def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> dict[int, int]:

@@ -13,8 +13,9 @@ import pytest
 
 from streams.tools.produce import detection_event
 from streams.topics import ensure_topics, read_topic
+from tests.conftest import zebra_images
 from tests.corpus import bad_events
-from tests.integration.test_streams_end_to_end import produce, stream_consumer, zebra_images
+from tests.integration.test_streams_end_to_end import produce, stream_consumer
 
 # Part of the delivery guarantees: `pytest -m faults` runs it beside the fault scenarios.
 pytestmark = pytest.mark.faults

@@ -139,7 +139,8 @@ def pil_path(data: bytes, bbox: list[float] | None, size: tuple[int, int]) -> to
 
 def test_tensor_decode_matches_the_pil_path_on_real_photos() -> None:
     payloads = [p.read_bytes() for p in zebra_files()]
-    boxes: list[list[float] | None] = [[12.4, 30.0, 300.6, 290.0], None] * 3
+    # Inside every photo of the subset (the smallest is 467x256).
+    boxes: list[list[float] | None] = [[12.4, 30.0, 300.6, 250.0], None] * 3
     out = decode_crops(payloads, boxes, (96, 128), device="cpu")
     assert out.errors == {} and out.index == list(range(6)) and out.cpu_fallbacks == 0
     assert out.images.shape == (6, 3, 96, 128) and out.images.dtype == torch.uint8
