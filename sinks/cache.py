@@ -176,6 +176,17 @@ class CentroidCache:
         if complete:
             log.info("cache: full load written version=%s deer=%d", version, len(encoded))
 
+    def remove(self, version: str, deer_ids: Sequence[int]) -> None:
+        """Forget some deer of ``version`` (merged away, or with no vector of it left)."""
+        ids = [int(i) for i in deer_ids]
+        if not ids:
+            return
+        with self._guard("remove") as client:
+            pipe = client.pipeline(transaction=True)
+            pipe.srem(self._ids_key(version), *ids)
+            pipe.delete(*(self._deer_key(version, i) for i in ids))
+            pipe.execute()
+
     def invalidate(self, version: str) -> None:
         """Forget ``version`` entirely; the next ``get_all`` finds it cold."""
         pattern = _glob_escape(f"{self.key_prefix}:{version}:deer:") + "*"

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sinks.pg import PgConnection, centroid_from_row, floats, opt_bytes
+from sinks.pg import NEW_DEER_LOCK_KEY, PgConnection, centroid_from_row, floats, opt_bytes
 from sinks.records import DeerCentroid
 from sinks.registry import VersionRegistry
 
@@ -98,6 +98,9 @@ class History:
         self._registry.ensure_registered(embedding_version)
         ids = sorted({v[0] for v in vectors})
         with self._store.session("store_replayed") as conn, conn.transaction():
+            # Shared with the batch writes, exclusive for curation changes (the new-deer lock,
+            # sinks.store): a merge or split never rebuilds centroids beside this rebuild.
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (NEW_DEER_LOCK_KEY,))
             params = [
                 (detection_id, embedding_version, np.asarray(r, np.float32),
                  np.asarray(e, np.float32))

@@ -71,6 +71,12 @@ class StreamMetrics:
         self.assignments = Counter(
             "reid_assignments", "Detections assigned, by outcome.", ["outcome"], registry=r
         )
+        self.needs_review = Counter(
+            "reid_needs_review",
+            "Assignments flagged for review (a close decision: docs/curation.md), by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "reid_dead_letters", "Events sent to the dead-letter topic.", ["reason"], registry=r
         )
@@ -149,6 +155,7 @@ class StreamMetrics:
             self.stage_seconds.labels(stage=stage)
         for outcome in OUTCOMES:
             self.assignments.labels(outcome=outcome)
+            self.needs_review.labels(outcome=outcome)
         for result in CACHE_RESULTS:
             self.cache_requests.labels(result=result)
         for decision in DECISIONS:

@@ -25,6 +25,12 @@ from sinks.records import DeerCentroid
 
 log = logging.getLogger(__name__)
 
+# Serialises the creation of new deer across workers (same key everywhere, distinct from the
+# migration lock). New deer are rare, so the contention costs little. Curation changes
+# (sinks.curation) hold it exclusively too, and every other batch write (and replay write)
+# holds it shared: a merge or split never interleaves with a write.
+NEW_DEER_LOCK_KEY = 0x4445_4552_0000_0002
+
 
 class StoreUnavailable(RuntimeError):
     """The database could not be reached or the connection was lost; back off and retry.

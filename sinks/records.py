@@ -22,6 +22,19 @@ class DeerCentroid:
     sightings: int
 
 
+@dataclass(frozen=True)
+class CandidateScore:
+    """A deer a detection was compared with, and the scores: a stored deer (``deer_id``) or,
+    in a batch being written, one of its new deer (``new_deer``, an index like
+    ``DetectionRow.new_deer``). Read back from the database, ``deer_id`` is always set."""
+
+    deer_id: int | None
+    new_deer: int | None
+    similarity: float
+    score_resnet: float
+    score_effnet: float
+
+
 @dataclass
 class DetectionRow:
     """One detection to store, with its assignment.
@@ -51,6 +64,10 @@ class DetectionRow:
     # SHA-256 of the raw event: a later event under the same detection_id with another
     # digest is a conflict, not a redelivery.
     content_sha256: bytes | None = None
+    # The decision was close (reid.matching.review_flag); the deer it was compared with.
+    needs_review: bool = False
+    candidates: tuple[CandidateScore, ...] = ()
+    thumbnail: bytes | None = None  # JPEG of the crop, or None
 
 
 @dataclass(frozen=True)
@@ -58,7 +75,9 @@ class StoredAssignment:
     """An assignment as stored, read back from the database.
 
     Built only from the stored row, so that a redelivered detection republishes exactly what
-    the first delivery published (floats come back as the ``real`` that was stored).
+    the first delivery published (floats come back as the ``real`` that was stored). After a
+    curation change moved the detection (a merge, split or move), ``deer_id`` is the deer it
+    belongs to now; the scores and candidates stay those of the match-time decision.
     """
 
     detection_id: str
@@ -72,6 +91,8 @@ class StoredAssignment:
     captured_at: datetime
     processed_at: datetime
     content_sha256: bytes | None = None
+    needs_review: bool = False
+    candidates: tuple[CandidateScore, ...] = ()
 
 
 @dataclass
@@ -88,3 +109,52 @@ class BatchWriteResult:
     centroids: list[DeerCentroid]
     inserted: int
     new_deer_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One curation change (a row of ``deer_changes``; ``sinks.curation``).
+
+    ``deer_id``: the survivor of a merge, the deer split, the target of a move, the deer a
+    confirmed detection stays with. ``other_id``: the deer merged away, or the new deer of a
+    split. ``source_ids``: where moved detections came from. ``id`` orders the changes and is
+    the curation generation that live consumers compare with.
+    """
+
+    id: int
+    kind: str
+    deer_id: int
+    other_id: int | None
+    source_ids: tuple[int, ...]
+    detections: tuple[str, ...]
+    reason: str | None
+    created_at: datetime
+    published_at: datetime | None = None
+
+    @property
+    def affected(self) -> tuple[int, ...]:
+        """The deer whose detections (so centroids and sightings) the change altered."""
+        if self.kind == "confirm":
+            return ()
+        ids = [self.deer_id, *self.source_ids]
+        if self.other_id is not None:
+            ids.append(self.other_id)
+        return tuple(sorted(set(ids)))
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """The deer that no longer exist after the change (the merged-away one)."""
+        return (self.other_id,) if self.kind == "merge" and self.other_id is not None else ()
+
+
+@dataclass
+class ChangeResult:
+    """What a curation call did: the change (for a repeat, the earlier change it matched, or
+    None if nothing ever had to change), whether this call changed anything, and the
+    rebuilt centroids per version with the deer whose centroid of a version is gone (for the
+    cache)."""
+
+    change: Change | None
+    changed: bool
+    centroids: dict[str, list[DeerCentroid]]
+    removed: dict[str, list[int]]

@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from sinks.aliases import resolve_rows
+from sinks.curation import Curation
+from sinks.detections import fetch_assignments, insert_detections
 from sinks.history import History
-from sinks.pg import PgConnection, StoreUnavailable, centroid_from_row, floats, opt_bytes
+from sinks.pg import NEW_DEER_LOCK_KEY, PgConnection, StoreUnavailable, centroid_from_row, floats
 from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow, StoredAssignment
 from sinks.registry import VersionRegistry
 
@@ -36,35 +39,11 @@ __all__ = ["NEW_DEER_LOCK_KEY", "Merge", "PgStore", "Replan", "StoreUnavailable"
 
 log = logging.getLogger(__name__)
 
-# Serialises the creation of new deer across workers (same key everywhere, distinct from the
-# migration lock). New deer are rare, so the contention costs little.
-NEW_DEER_LOCK_KEY = 0x4445_4552_0000_0002
 
 Merge = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 # Given the deer that other workers created since the caller's snapshot, the caller's plan
 # made again: (new deer count, rows).
 Replan = Callable[[list[DeerCentroid]], tuple[int, Sequence[DetectionRow]]]
-
-_ASSIGNMENT_COLUMNS = (
-    "detection_id, deer_id, is_new_deer, similarity, score_resnet, score_effnet, "
-    "embedding_version, camera_id, captured_at, processed_at, content_sha256"
-)
-
-_INSERT_DETECTION = """
-INSERT INTO detections (
-    detection_id, camera_id, captured_at, deer_id, is_new_deer, similarity, score_resnet,
-    score_effnet, embedding_version, embedding_resnet, embedding_effnet, bbox, confidence,
-    species, source_topic, source_partition, source_offset, processed_at, content_sha256
-) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (detection_id) DO NOTHING
-RETURNING detection_id
-"""
-
-_INSERT_VECTORS = """
-INSERT INTO detection_vectors (detection_id, embedding_version, embedding_resnet, embedding_effnet)
-VALUES (%s, %s, %s, %s)
-ON CONFLICT (embedding_version, detection_id) DO NOTHING
-"""
 
 _INSERT_DEER = """
 INSERT INTO deer (id, embedding_version, sightings, first_seen, last_seen)
@@ -101,16 +80,11 @@ WHERE id = %s
 """
 
 
-def _opt_float(value: float | None) -> float | None:
-    # numpy scalars would otherwise reach the driver as types it may not adapt.
-    return None if value is None else float(value)
-
-
 class PgStore(PgConnection):
     """Reads and writes deer centroids and detections; ``start()`` before use, ``stop()`` after.
 
-    ``registry`` (the embedding versions) and ``history`` (replay writes, validate reads)
-    share its connection.
+    ``registry`` (the embedding versions), ``history`` (replay writes, validate reads) and
+    ``curation`` (merge, split, move, confirm: ``sinks.curation``) share its connection.
     """
 
     def __init__(self, dsn: str, *, dim: int = 512, connect_timeout: float = 5.0) -> None:
@@ -118,6 +92,7 @@ class PgStore(PgConnection):
         self.dim = dim
         self.registry = VersionRegistry(self)
         self.history = History(self, self.registry, dim=dim)
+        self.curation = Curation(self)
 
     # -- reads ----------------------------------------------------------------------------
     def existing_assignments(self, detection_ids: Sequence[str]) -> dict[str, StoredAssignment]:
@@ -125,7 +100,7 @@ class PgStore(PgConnection):
         if not detection_ids:
             return {}
         with self.session("existing_assignments") as conn:
-            return self._fetch_assignments(conn, list(detection_ids))
+            return fetch_assignments(conn, list(detection_ids))
 
     def load_centroids(
         self, embedding_version: str, deer_ids: Sequence[int] | None = None
@@ -198,13 +173,17 @@ class PgStore(PgConnection):
                         new_deer_count, rows = replan(others)
                         self._validate(new_deer_count, rows)
                         log.info("store: re-planned against %d deer created elsewhere", len(others))
+            else:  # shared: batches do not wait for each other, only for curation changes
+                conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (NEW_DEER_LOCK_KEY,))
+            # A deer merged away after the caller planned: its rows go to the survivor.
+            rows = resolve_rows(conn, rows)
             new_ids = self._allocate_new_deer(conn, new_deer_count)
-            inserted = self._insert_detections(conn, embedding_version, rows, new_ids)
+            inserted = insert_detections(conn, embedding_version, rows, new_ids)
             created, new_centroids = self._create_new_deer(
                 conn, embedding_version, inserted, new_ids, merge
             )
             updated = self._update_known_deer(conn, embedding_version, inserted, merge)
-            stored = self._fetch_assignments(conn, [r.detection_id for r in rows])
+            stored = fetch_assignments(conn, [r.detection_id for r in rows])
         missing = [r.detection_id for r in rows if r.detection_id not in stored]
         if missing:  # cannot happen while detections are never deleted; say so loudly if it does
             raise RuntimeError(f"store: rows missing after write: {missing[:5]}")
@@ -266,64 +245,6 @@ class PgStore(PgConnection):
             "SELECT nextval('deer_id_seq') FROM generate_series(1, %s)", (count,)
         ).fetchall()
         return [int(r[0]) for r in rows]
-
-    def _insert_detections(
-        self,
-        conn: psycopg.Connection[Any],
-        version: str,
-        rows: Sequence[DetectionRow],
-        new_ids: list[int],
-    ) -> list[DetectionRow]:
-        """Insert what is not stored yet; returns the inserted rows, in input order."""
-        # A fixed order (by detection_id) keeps two workers inserting overlapping batches
-        # during a rebalance from waiting on each other in a cycle.
-        order = sorted(range(len(rows)), key=lambda i: rows[i].detection_id)
-        params = [self._detection_params(rows[i], version, new_ids) for i in order]
-        taken: list[int] = []
-        with conn.cursor() as cur:
-            cur.executemany(_INSERT_DETECTION, params, returning=True)
-            # One result per parameter set, in order; empty where the row already existed
-            # (including a repeat of a detection_id earlier in the same batch).
-            for i in order:
-                if cur.fetchone() is not None:
-                    taken.append(i)
-                cur.nextset()
-            # The same vectors under the version, where every version's vectors are read.
-            kept = set(taken)
-            vectors = [
-                (rows[i].detection_id, version, params[k][9], params[k][10])
-                for k, i in enumerate(order)
-                if i in kept
-            ]
-            if vectors:
-                cur.executemany(_INSERT_VECTORS, vectors)
-        return [rows[i] for i in sorted(taken)]
-
-    def _detection_params(
-        self, row: DetectionRow, version: str, new_ids: list[int]
-    ) -> tuple[Any, ...]:
-        deer_id = row.deer_id if row.deer_id is not None else new_ids[row.new_deer]  # type: ignore[index]
-        return (
-            row.detection_id,
-            row.camera_id,
-            row.captured_at,
-            int(deer_id),
-            bool(row.is_new_deer),
-            _opt_float(row.similarity),
-            _opt_float(row.score_resnet),
-            _opt_float(row.score_effnet),
-            version,
-            np.asarray(row.embedding_resnet, dtype=np.float32),
-            np.asarray(row.embedding_effnet, dtype=np.float32),
-            None if row.bbox is None else [float(v) for v in row.bbox],
-            _opt_float(row.confidence),
-            row.species,
-            row.source_topic,
-            int(row.source_partition),
-            int(row.source_offset),
-            row.processed_at,
-            row.content_sha256,
-        )
 
     def _create_new_deer(
         self,
@@ -406,15 +327,3 @@ class PgStore(PgConnection):
         if out.shape != (self.dim,) or not np.isfinite(out).all():
             raise ValueError(f"merge returned shape {out.shape} or non-finite values")
         return out
-
-    @staticmethod
-    def _fetch_assignments(
-        conn: psycopg.Connection[Any], detection_ids: list[str]
-    ) -> dict[str, StoredAssignment]:
-        rows = conn.execute(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM detections WHERE detection_id = ANY(%s)",
-            (detection_ids,),
-        ).fetchall()
-        return {
-            row[0]: StoredAssignment(*row[:-1], content_sha256=opt_bytes(row[-1])) for row in rows
-        }

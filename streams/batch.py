@@ -53,6 +53,7 @@ class PendingEvent:
     event: DetectionEvent
     pixels: torch.Tensor | None = None
     row: int | None = None  # its row in the batch's embeddings
+    thumbnail: bytes | None = None  # JPEG of the crop, stored with the row
 
     @functools.cached_property
     def digest(self) -> bytes:

@@ -179,7 +179,10 @@ def _rounded(value: float | None) -> float | None:
 def assignment_event(stored: Any) -> bytes:
     """The output event for one stored detection (a ``sinks.records.StoredAssignment``).
 
-    Built only from the stored row, so a redelivered detection republishes identical bytes.
+    Built only from the stored row, so a redelivered detection republishes identical bytes
+    (unless a curation change moved the detection meanwhile: then ``deer_id`` is the deer it
+    belongs to now, the survivor of a merge; the scores and candidates stay those of the
+    match-time decision; see docs/curation.md).
     """
     doc = {
         "schema": SCHEMA_VERSION,
@@ -193,6 +196,16 @@ def assignment_event(stored: Any) -> bytes:
         "camera_id": stored.camera_id,
         "captured_at": rfc3339(stored.captured_at),
         "processed_at": rfc3339(stored.processed_at),
+        "needs_review": bool(stored.needs_review),
+        "candidates": [
+            {
+                "deer_id": str(c.deer_id),
+                "similarity": _rounded(c.similarity),
+                "similarity_resnet": _rounded(c.score_resnet),
+                "similarity_effnet": _rounded(c.score_effnet),
+            }
+            for c in stored.candidates
+        ],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 

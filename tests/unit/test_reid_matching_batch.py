@@ -17,7 +17,9 @@ from reid.matching import (
     DEFAULT_THRESHOLD,
     W_EFFNET,
     W_RESNET,
+    TOP_CANDIDATES,
     BatchAssignment,
+    Candidate,
     Gallery,
     Match,
     NewDeer,
@@ -25,6 +27,7 @@ from reid.matching import (
     ensemble_scores,
     l2_normalise,
     merge_centroid,
+    review_flag,
 )
 
 
@@ -47,7 +50,7 @@ def _scores(r, e, moved: list[_Moved], wr: float, we: float):
 
 def reference_assign(
     resnet, effnet, gallery: Gallery, *, threshold=DEFAULT_THRESHOLD, w_resnet=W_RESNET,
-    w_effnet=W_EFFNET,
+    w_effnet=W_EFFNET, review_band=0.0, review_margin=0.0,
 ) -> BatchAssignment:  # fmt: skip
     resnet = np.asarray(resnet, np.float32)
     effnet = np.asarray(effnet, np.float32)
@@ -64,6 +67,8 @@ def reference_assign(
     for i in range(len(resnet)):
         r, e = resnet[i], effnet[i]
         best = col = new = None
+        # Every deer's score, sorted the plain way: (-score, gallery before new, index).
+        ranked = []
         if d:
             row = s_all[i].copy()
             sr_row, se_row = sr_all[i].copy(), se_all[i].copy()
@@ -72,15 +77,24 @@ def reference_assign(
                 row[touched_cols], sr_row[touched_cols], se_row[touched_cols] = t_s, t_sr, t_se
             col = int(np.argmax(row))
             best = (float(row[col]), float(sr_row[col]), float(se_row[col]))
+            for c in np.lexsort((np.arange(d), -row))[:TOP_CANDIDATES]:
+                ranked.append((-float(row[c]), 0, int(c), float(sr_row[c]), float(se_row[c])))
         if created:
             c_s, c_sr, c_se = _scores(r, e, created, w_resnet, w_effnet)
             k = int(np.argmax(c_s))
             if best is None or c_s[k] > best[0]:
                 best, col, new = (float(c_s[k]), float(c_sr[k]), float(c_se[k])), None, k
+            ranked += [(-float(c_s[j]), 1, j, float(c_sr[j]), float(c_se[j]))
+                       for j in range(len(created))]  # fmt: skip
+        cands = tuple(
+            Candidate(int(gallery.deer_ids[k]) if g == 0 else None, k if g == 1 else None, -s, sr, se)
+            for s, g, k, sr, se in sorted(ranked)[:TOP_CANDIDATES]
+        )
+        flag = review_flag(cands, threshold, review_band, review_margin)
         if best is not None and best[0] >= threshold:
             if new is not None:
                 created[new].add(r, e)
-                matches.append(Match(None, new, False, *best))
+                matches.append(Match(None, new, False, *best, cands, flag))
                 continue
             if col not in touched_cols:
                 touched_cols.append(col)
@@ -88,12 +102,15 @@ def reference_assign(
                     _Moved(gallery.resnet[col], gallery.effnet[col], int(gallery.sightings[col]))
                 )
             touched[touched_cols.index(col)].add(r, e)
-            matches.append(Match(int(gallery.deer_ids[col]), None, False, *best))
+            matches.append(Match(int(gallery.deer_ids[col]), None, False, *best, cands, flag))
             continue
         created.append(_Moved(r.copy(), e.copy(), 1))
         firsts.append(i)
         k = len(created) - 1
-        matches.append(Match(None, k, True, *(best if best is not None else (None,) * 3)))
+        if best is None:
+            matches.append(Match(None, k, True, None, None, None))
+        else:
+            matches.append(Match(None, k, True, *best, cands, flag))
     new_deer = [NewDeer(c.r, c.e, c.count, f) for c, f in zip(created, firsts, strict=True)]
     return BatchAssignment(matches, new_deer)
 
@@ -172,7 +189,8 @@ def test_fast_path_equals_reference_on_random_batches(seed: int, d: int, n: int)
 def test_fast_path_equals_reference_across_thresholds_and_weights(threshold: float) -> None:
     r, e, gallery = random_case(11, 500, 48)
     for wr in (0.6, 1.0, 0.0):
-        kwargs = {"threshold": threshold, "w_resnet": wr, "w_effnet": 1.0 - wr}
+        kwargs = {"threshold": threshold, "w_resnet": wr, "w_effnet": 1.0 - wr,
+                  "review_band": 0.05, "review_margin": 0.03}  # fmt: skip
         assert_identical(
             assign_batch(r, e, gallery, **kwargs), reference_assign(r, e, gallery, **kwargs)
         )

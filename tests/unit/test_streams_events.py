@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sinks.records import CandidateScore
 from streams.events import (
     REASONS,
     InvalidEvent,
@@ -150,6 +151,11 @@ class Stored:
     camera_id = "cam-1"
     captured_at = datetime(2026, 11, 2, 5, 31, 12, 250000, tzinfo=UTC)
     processed_at = datetime(2026, 11, 2, 5, 31, 13, tzinfo=UTC)
+    needs_review = True
+    candidates = (
+        CandidateScore(42, None, 0.8123456789, 0.9, 0.7),
+        CandidateScore(7, None, 0.8012, 0.81, 0.78),
+    )
 
 
 def test_assignment_event_is_a_pure_function_of_the_stored_row():
@@ -161,6 +167,12 @@ def test_assignment_event_is_a_pure_function_of_the_stored_row():
     assert set(doc) >= {"detection_id", "deer_id", "is_new_deer", "similarity",
                         "similarity_resnet", "similarity_effnet", "embedding_version",
                         "camera_id", "captured_at", "processed_at"}  # fmt: skip
+    # The review flag and the deer it was compared with, best first, ids as strings.
+    assert doc["needs_review"] is True
+    assert [c["deer_id"] for c in doc["candidates"]] == ["42", "7"]
+    runner_up = {"deer_id": "7", "similarity": 0.8012, "similarity_resnet": 0.81,
+                 "similarity_effnet": 0.78}  # fmt: skip
+    assert doc["candidates"][1] == runner_up
 
 
 def test_dead_letter_headers_carry_reason_and_source():
