@@ -26,6 +26,15 @@ seconds at 100k). So a worker reads a version once and then keeps it up to date:
   write Redis may have lost since (a worker killed between its commit and its cache write, two
   workers' cache writes of one deer crossing) is re-read from Postgres.
 
+- **curation changes** (merges, splits, moves: ``sinks.curation``): every ``load`` first asks
+  Postgres for the changes after the curation generation its memory reflects (one index
+  range read, empty in the common case) and re-reads the centroids of the deer they touched,
+  replacing the held ones whatever their count (a split lowers it) and dropping the deer that
+  no longer have one (merged away). So a worker sees a change before its next batch, and a
+  merged deer never lives on in its memory. A load from Redis also drops every merged id
+  (a worker's late cache write may have put one back there) and re-applies the changes made
+  within ``redis_lookback_s``.
+
 Correctness does not depend on the refresh: ``PgStore.write_batch`` re-checks, under the
 new-deer advisory lock, every deer the caller did not know before creating one. The refresh
 only keeps such re-plans rare and the scores current.
@@ -56,6 +65,7 @@ import numpy as np
 
 from reid.matching import Gallery
 from sinks.cache import CacheUnavailable, CentroidCache
+from sinks.curation_reads import changes_since, generation, merged_ids
 from sinks.gallery_reads import changed_since, server_now
 from sinks.metrics import StreamMetrics
 from sinks.records import DeerCentroid
@@ -120,10 +130,10 @@ class GalleryMatrix:
         """Every held centroid (copies), by id."""
         return [c for i in sorted(self._row) if (c := self.get(i)) is not None]
 
-    def upsert(self, centroids: Sequence[DeerCentroid]) -> tuple[int, int]:
+    def upsert(self, centroids: Sequence[DeerCentroid], *, force: bool = False) -> tuple[int, int]:
         """Write ``centroids`` in: unknown ids are appended (in id order), known ids are
-        replaced in place unless the held count (sightings) is higher. Returns (added,
-        replaced)."""
+        replaced in place unless the held count (sightings) is higher (``force``: whatever
+        it is; a curation change may lower it). Returns (added, replaced)."""
         fresh: dict[int, DeerCentroid] = {}
         replaced = 0
         for c in centroids:
@@ -134,7 +144,7 @@ class GalleryMatrix:
                 if held is None or c.sightings >= held.sightings:
                     fresh[deer_id] = c
                 continue
-            if c.sightings < self._sightings[row]:
+            if c.sightings < self._sightings[row] and not force:
                 continue  # an older copy (a late cache write, a stale read): keep the newer
             resnet, effnet = self._checked(c.resnet, deer_id), self._checked(c.effnet, deer_id)
             self._resnet[row], self._effnet[row] = resnet, effnet
@@ -143,6 +153,23 @@ class GalleryMatrix:
         if fresh:
             self._append([fresh[i] for i in sorted(fresh)])
         return len(fresh), replaced
+
+    def remove(self, deer_ids: Sequence[int]) -> int:
+        """Drop deer (merged away): the last live row moves into each hole. Returns how
+        many were held."""
+        removed = 0
+        for deer_id in deer_ids:
+            row = self._row.pop(int(deer_id), None)
+            if row is None:
+                continue
+            last = self._n - 1
+            if row != last:
+                for array in (self._ids, self._resnet, self._effnet, self._sightings):
+                    array[row] = array[last]
+                self._row[int(self._ids[row])] = row
+            self._n = last
+            removed += 1
+        return removed
 
     def _append(self, ordered: list[DeerCentroid]) -> None:
         k, start = len(ordered), self._n
@@ -184,6 +211,7 @@ class _Held:
     matrix: GalleryMatrix
     watermark: datetime  # server time before the last read from Postgres or Redis
     next_refresh: float  # monotonic
+    generation: int = 0  # the last curation change reflected in memory
 
 
 class GalleryLoader:
@@ -232,6 +260,7 @@ class GalleryLoader:
             held = self._full_load(version, None)
         elif self._clock() >= held.next_refresh:
             self.refresh(version)
+        self._follow_curation(version, held)
         return held.matrix.view()
 
     def put(
@@ -292,13 +321,14 @@ class GalleryLoader:
         is at least as new as anything held, and a lower count never replaces a higher)."""
         t0 = time.perf_counter()
         watermark = server_now(self.store)  # before reading: see changed_since
+        reflected = generation(self.store)  # likewise: later changes are applied after
         centroids, from_redis = self._read_all(version)
         if held is not None:
             matrix = held.matrix
         else:  # room to grow before the first doubling (which copies every row once)
             matrix = GalleryMatrix(self.dim, len(centroids) + max(1024, len(centroids) // 4))
         matrix.upsert(centroids)
-        held = _Held(matrix, watermark, self._clock() + self.refresh_s)
+        held = _Held(matrix, watermark, self._clock() + self.refresh_s, reflected)
         self._held[version] = held
         log.info(
             "gallery: loaded version=%s read=%d from=%s deer=%d ms=%.1f",
@@ -312,7 +342,31 @@ class GalleryLoader:
             else:
                 held.watermark = watermark - self.redis_lookback
             self.refresh(version)
+            # Merged ids a late cache write put back, and the changes made while Redis may
+            # have been written around them (see the module docstring).
+            matrix.remove(sorted(merged_ids(self.store, [c.deer_id for c in centroids])))
+            held.generation = generation(self.store, before=held.watermark)
         return held
+
+    def _follow_curation(self, version: str, held: _Held) -> None:
+        """Apply the curation changes made since ``held`` last reflected them (see the
+        module docstring); a failed read raises StoreUnavailable, like the batch's write."""
+        changes = changes_since(self.store, held.generation)
+        if not changes:
+            return
+        affected = sorted({d for c in changes for d in c.affected})
+        removed = replaced = 0
+        if affected:
+            current = self.store.load_centroids(version, affected)
+            present = {c.deer_id for c in current}
+            removed = held.matrix.remove([d for d in affected if d not in present])
+            replaced = sum(held.matrix.upsert(current, force=True))
+        held.generation = changes[-1].id
+        log.info(
+            "gallery: curation changes applied version=%s changes=%d generation=%d "
+            "removed=%d replaced=%d deer=%d",
+            version, len(changes), held.generation, removed, replaced, len(held.matrix),
+        )  # fmt: skip
 
     def _read_all(self, version: str) -> tuple[list[DeerCentroid], bool]:
         """Redis first, Postgres for what it lacks (each miss counted); and whether Redis

@@ -22,7 +22,7 @@ import torch
 
 from reid.embedder import Embedder, Embeddings
 from reid.gpu_decode import decode_crops
-from reid.matching import BatchAssignment, Gallery, assign_batch, merge_centroid
+from reid.matching import Gallery, assign_batch, merge_centroid
 from sinks.metrics import StreamMetrics
 from sinks.publisher import KafkaPublisher
 from sinks.records import DeerCentroid, DetectionRow, StoredAssignment
@@ -35,7 +35,14 @@ from streams.events import (
     parse_detection,
 )
 from streams.gallery import GalleryLoader
-from streams.images import ImageRoots, crop_pixels, image_bytes
+from streams.images import (
+    ImageRoots,
+    ThumbnailSpec,
+    crop_with_thumbnail,
+    image_bytes,
+    thumbnail_from_bytes,
+)
+from streams.rows import count_flags, detection_rows
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,11 @@ class BatchProcessor:
         self.publisher = publisher
         self.metrics = metrics
         self.roots = ImageRoots(settings.image_roots)
+        self.thumbnail = (
+            ThumbnailSpec(settings.thumbnail_px, settings.thumbnail_max_bytes)
+            if settings.thumbnail_px
+            else None
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._batches = itertools.count(1)
 
@@ -222,14 +234,13 @@ class BatchProcessor:
             preprocess = embedder.preprocess
             max_pixels = self.settings.max_image_pixels
             futures = [
-                self._pool.submit(
-                    crop_pixels, p.event, self.roots, preprocess, max_pixels=max_pixels
-                )
+                self._pool.submit(crop_with_thumbnail, p.event, self.roots, preprocess,
+                                  max_pixels=max_pixels, thumbnail=self.thumbnail)
                 for p in batch.firsts
-            ]
+            ]  # fmt: skip
             for item, future in zip(batch.firsts, futures, strict=True):
                 try:
-                    item.pixels = future.result()
+                    item.pixels, item.thumbnail = future.result()
                 except InvalidEvent as err:
                     batch.undecodable[item.event.detection_id] = err
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
@@ -266,11 +277,18 @@ class BatchProcessor:
                 batch.undecodable[item.event.detection_id] = err
         if not readable:
             return
+        thumbs = [
+            self._pool.submit(thumbnail_from_bytes, data, item.event.bbox, self.thumbnail,
+                              max_pixels=self.settings.max_image_pixels)
+            for item, data in (readable if self.thumbnail is not None else [])
+        ]  # fmt: skip
         decoded = decode_crops(
             [data for _, data in readable], [item.event.bbox for item, _ in readable],
             embedder.preprocess.input_size, device=embedder.device,
             max_pixels=self.settings.max_image_pixels,
         )  # fmt: skip
+        for (item, _), thumb in zip(readable, thumbs, strict=False):  # made meanwhile
+            item.thumbnail = thumb.result()
         for k, index in enumerate(decoded.index):
             readable[index][0].pixels = decoded.images[k]
         for index, err in decoded.errors.items():
@@ -290,9 +308,11 @@ class BatchProcessor:
             plan = assign_batch(
                 vectors.resnet, vectors.effnet, known,
                 threshold=self.settings.threshold,
+                review_band=self.settings.review_band,
+                review_margin=self.settings.review_margin,
                 w_resnet=self.settings.weight_resnet, w_effnet=self.settings.weight_effnet,
             )  # fmt: skip
-            return len(plan.new_deer), _rows(items, plan, vectors, processed_at)
+            return len(plan.new_deer), detection_rows(items, plan, vectors, processed_at)
 
         with self._stage("match"):
             known = self.gallery.load(version)
@@ -322,6 +342,7 @@ class BatchProcessor:
                 outcome.new_deer += 1
             else:
                 outcome.assigned_existing += 1
+            count_flags(self.metrics, saved)
             if saved.similarity is not None:  # None: a new deer with no candidate at all
                 decision = "rejected" if saved.is_new_deer else "accepted"
                 self.metrics.match_similarity.labels(decision=decision).observe(saved.similarity)
@@ -399,38 +420,6 @@ def _stored_elsewhere(item: PendingEvent) -> InvalidEvent:
         "duplicate_conflict",
         f"detection_id {item.event.detection_id!r} was stored earlier from other content",
     )
-
-
-def _rows(
-    items: list[PendingEvent], plan: BatchAssignment, vectors: Embeddings, processed_at: datetime
-) -> list[DetectionRow]:
-    rows = []
-    for i, (item, match) in enumerate(zip(items, plan.matches, strict=True)):
-        event, message = item.event, item.message
-        rows.append(
-            DetectionRow(
-                detection_id=event.detection_id,
-                camera_id=event.camera_id,
-                captured_at=event.captured_at,
-                deer_id=match.deer_id,
-                new_deer=match.new_deer if match.deer_id is None else None,
-                is_new_deer=match.is_new_deer,
-                similarity=match.similarity,
-                score_resnet=match.score_resnet,
-                score_effnet=match.score_effnet,
-                embedding_resnet=vectors.resnet[i],
-                embedding_effnet=vectors.effnet[i],
-                bbox=list(event.bbox) if event.bbox else None,
-                confidence=event.confidence,
-                species=event.species,
-                source_topic=message.topic,
-                source_partition=message.partition,
-                source_offset=message.offset,
-                processed_at=processed_at,
-                content_sha256=item.digest,
-            )
-        )
-    return rows
 
 
 def _offset_ranges(messages: Sequence[SourceMessage]) -> str:

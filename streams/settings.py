@@ -18,7 +18,13 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from reid.matching import DEFAULT_THRESHOLD, W_EFFNET, W_RESNET
+from reid.matching import (
+    DEFAULT_REVIEW_BAND,
+    DEFAULT_REVIEW_MARGIN,
+    DEFAULT_THRESHOLD,
+    W_EFFNET,
+    W_RESNET,
+)
 
 
 class Settings(BaseSettings):
@@ -37,6 +43,9 @@ class Settings(BaseSettings):
     topic_detections: str = Field("detections", description="Input topic")
     topic_assignments: str = Field("assignments", description="Output topic, key = deer_id")
     topic_dead_letters: str = Field("detections.dlq", description="Dead-letter topic")
+    topic_deer_changes: str = Field(
+        "deer.changes", description="Curation changes (merge, split, move, confirm), 1 partition"
+    )
     topic_partitions: int = Field(
         4, ge=1, description="Partitions for topics that `run`/`produce` create when missing"
     )
@@ -103,6 +112,25 @@ class Settings(BaseSettings):
         W_EFFNET, ge=0.0, le=1.0, description="Weight of EfficientNet score"
     )
 
+    # Curation (docs/curation.md)
+    review_band: float = Field(
+        DEFAULT_REVIEW_BAND, ge=0.0, le=1.0,
+        description="Flag for review when the best score is within this of the threshold",
+    )  # fmt: skip
+    review_margin: float = Field(
+        DEFAULT_REVIEW_MARGIN, ge=0.0, le=1.0,
+        description="Flag for review when the runner-up deer is within this of the accepted one",
+    )  # fmt: skip
+    thumbnail_px: int = Field(
+        128, ge=0, le=512, description="Long side of the stored crop thumbnail (0 = none)"
+    )
+    thumbnail_max_bytes: int = Field(
+        16_384, ge=1_024, le=262_144, description="A thumbnail larger than this is not stored"
+    )
+    review_token: SecretStr | None = Field(
+        None, description="Token `reid-stream review` requires; needed to bind beyond loopback"
+    )
+
     # Storage
     database_url: SecretStr = Field(
         SecretStr("postgresql://postgres@127.0.0.1:5432/reid"), description="PostgreSQL DSN"
@@ -145,7 +173,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "review_token", mode="before")
     @classmethod
     def _empty_redis_disables(cls, value: Any) -> Any:
         return None if value in ("", None) else value
@@ -218,7 +246,9 @@ def explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-SECRET_FIELDS = frozenset({"database_url", "redis_url", "kafka_password", "kafka_options"})
+SECRET_FIELDS = frozenset(
+    {"database_url", "redis_url", "kafka_password", "kafka_options", "review_token"}
+)
 
 
 def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from streams.cli import service, tools, versions
+from streams.cli import deer, service, tools, versions
 from streams.cli.common import configure_logging
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_commands(sub)  # migrate, run, similar
     tools.add_commands(sub)  # stack, produce, bench, demo
     versions.add_commands(sub)  # replay, validate, activate, versions, drop-version
+    deer.add_commands(sub)  # deer show|history|merge|split|move|confirm|publish, review
     return parser
 
 

@@ -399,3 +399,65 @@ def test_load_from_redis_rereads_what_redis_may_have_missed(workers, monkeypatch
     assert len(held) == 12
     stale = [c for c in truth if c.deer_id in held and c.sightings != held[c.deer_id].sightings]
     assert len(stale) == 3
+
+
+def test_curation_changes_reach_memory_before_the_next_batch(workers) -> None:
+    herd = Herd(seed=11, animals=12)
+    a = workers(refresh_s=3600)  # no timed refresh: only the curation check can update it
+    for animals in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]):
+        r, e, ids = herd.sightings(animals)
+        a.batch(r, e, ids)
+    a.loader.load(VERSION)
+    by_size = sorted(a.store.load_centroids(VERSION), key=lambda c: -c.sightings)
+    keep, other, split = by_size[0].deer_id, by_size[1].deer_id, by_size[2].deer_id
+    with a.store.session("t") as conn:
+        of_split = [r[0] for r in conn.execute(
+            "SELECT detection_id FROM detections WHERE deer_id = %s ORDER BY detection_id",
+            (split,)).fetchall()]  # fmt: skip
+
+    a.store.curation.merge(keep, other)
+    a.store.curation.split(split, of_split[:1])  # lowers a count: replaced all the same
+
+    view = a.loader.load(VERSION)
+    truth = a.store.load_centroids(VERSION)
+    assert other not in view.deer_ids.tolist()
+    assert_same(a.held(), truth)
+    # The next batch of the merged animal joins the survivor; nothing re-creates the other.
+    r, e, ids = herd.sightings([1])
+    result = a.batch(r, e, ids)
+    assert result.assignments[0].deer_id != other
+    assert other not in {c.deer_id for c in a.store.load_centroids(VERSION)}
+
+
+def test_a_late_cache_write_cannot_bring_a_merged_deer_back(workers) -> None:
+    herd = Herd(seed=12, animals=6)
+    a = workers(refresh_s=3600)
+    r, e, ids = herd.sightings([0, 1, 2, 3, 4, 5])
+    a.batch(r, e, ids)
+    keep, other = sorted(c.deer_id for c in a.store.load_centroids(VERSION))[:2]
+    stale = next(c for c in a.held() if c.deer_id == other)
+    a.store.curation.merge(keep, other)
+    a.cache.put(VERSION, [stale])  # a worker's cache write that lost the race with the merge
+
+    b = workers(refresh_s=3600, redis_lookback_s=None)  # loads from Redis, which has it
+    view = b.loader.load(VERSION)
+    assert b.counter("reid_cache_requests_total", result="hit") >= 5
+    assert other not in view.deer_ids.tolist()
+    assert_same(b.held(), a.store.load_centroids(VERSION))
+
+
+def test_matrix_remove_moves_the_last_row_into_the_hole() -> None:
+    from streams.gallery import GalleryMatrix
+
+    rng = np.random.default_rng(5)
+    made = [DeerCentroid(i, l2_normalise(rng.normal(size=DIM)), l2_normalise(rng.normal(size=DIM)),
+                         i) for i in (10, 20, 30, 40)]  # fmt: skip
+    matrix = GalleryMatrix(DIM, capacity=2)
+    matrix.upsert(made)
+    assert matrix.remove([20, 99]) == 1
+    assert sorted(matrix.view().deer_ids.tolist()) == [10, 30, 40]
+    assert_same(matrix.centroids(), [made[0], made[2], made[3]])
+    lower = DeerCentroid(40, made[0].resnet, made[0].effnet, 1)
+    assert matrix.upsert([lower]) == (0, 0)  # a lower count is a stale copy...
+    assert matrix.upsert([lower], force=True) == (0, 1)  # ...unless a curation change says so
+    assert matrix.get(40).sightings == 1
