@@ -17,6 +17,8 @@ from importlib import resources
 import psycopg
 from psycopg import sql
 
+from sinks.pg import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 # Arbitrary but fixed: every process that migrates this database must use the same key.
@@ -48,7 +50,13 @@ def available() -> list[tuple[str, str]]:
 def migrate(dsn: str) -> list[str]:
     """Apply the migrations this database lacks; returns their versions (empty: up to date)."""
     applied: list[str] = []
-    with psycopg.connect(dsn, autocommit=True, application_name="reid-migrate") as conn:
+    try:
+        conn = psycopg.connect(
+            dsn, autocommit=True, application_name="reid-migrate", connect_timeout=10
+        )
+    except psycopg.OperationalError as err:
+        raise StoreUnavailable(f"migrate: cannot connect to postgres: {err}") from err
+    with conn:
         # Held for the whole run as well: with per-file locks only, a second process could
         # take the lock between two files and apply the later one itself.
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))

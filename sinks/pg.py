@@ -136,3 +136,16 @@ def centroid_from_row(row: Sequence[Any]) -> DeerCentroid:
 
 def opt_bytes(value: Any) -> bytes | None:
     return None if value is None else bytes(value)
+
+
+def describe_dsn(dsn: str) -> str:
+    """``user@host:port/dbname`` of a DSN for messages: never its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "(REID_DATABASE_URL does not parse as a PostgreSQL DSN)"
+    host = str(info.get("host") or "localhost")
+    user = f"{info['user']}@" if info.get("user") else ""
+    return f"{user}{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"

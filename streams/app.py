@@ -18,7 +18,7 @@ from streams.health import HealthChecker
 from streams.processor import BatchProcessor
 from streams.runners import Runner, build_runner
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_stream_topics
 from streams.versions import (
     VersionSwitch,
     build_embedder,
@@ -85,7 +85,7 @@ class StreamApp:
         s = self.settings
         # Own connections: probes never touch the batch path's connection or producer.
         probe_store = PgStore(s.database_url.get_secret_value(), connect_timeout=3.0)
-        admin = AdminClient({**s.kafka_common(), "logger": logging.getLogger("streams.health")})
+        admin = AdminClient(s.kafka_common())
 
         def postgres() -> None:
             probe_store.start()  # connects, or keeps the connection it has
@@ -119,11 +119,7 @@ class StreamApp:
             )
             log.info("metrics: serving http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         self.health.start()
-        ensure_topics(
-            s.kafka_common(),
-            [s.topic_detections, s.topic_assignments, s.topic_dead_letters],
-            s.topic_partitions,
-        )
+        ensure_stream_topics(s, [s.topic_detections, s.topic_assignments, s.topic_dead_letters])
         self.store.start()
         self._start_active_version()  # starts the embedder
         self._model_info()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,14 +81,61 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
 
 
+class RateLimit(logging.Filter):
+    """Lets the first line of each kind through, then at most one per ``interval_s``; the
+    next line let through says how many were held back (``suppressed`` in JSON). A kind is the
+    level and the message with its numbers blanked, so "Connect to ...:9092 failed (after
+    0ms)" repeating every second during an outage is one line per interval, not thousands."""
+
+    MAX_KINDS = 1000
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._seen: dict[tuple[int, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        kind = (record.levelno, re.sub(r"\d+", "#", message)[:200])
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(kind, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._seen[kind] = (last, held + 1)
+                return False
+            if len(self._seen) >= self.MAX_KINDS:
+                self._seen.clear()  # bounded memory; at worst a few repeats get through
+            self._seen[kind] = (now, 0)
+        if held:
+            record.msg, record.args = f"{message} ({held} similar suppressed)", None
+            record.suppressed = held
+        return True
+
+
+_KAFKA_LOG = logging.getLogger("librdkafka")
+_KAFKA_LOG.addFilter(RateLimit())
+
+
+def kafka_logger() -> logging.Logger:
+    """The logger to give every confluent-kafka client (config key ``logger``): librdkafka's
+    own lines then go through the project's handlers (``--log-format json`` stays JSON) and
+    are rate-limited, instead of going straight to stderr."""
+    return _KAFKA_LOG
+
+
+def with_kafka_logger(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with :func:`kafka_logger` unless it names a logger already."""
+    return {"logger": _KAFKA_LOG, **config}
+
+
 def progress_bar(
     desc: str, *, total: int | None = None, unit: str = "ev", enabled: bool = True
 ) -> tqdm:
-    """A progress bar on stderr for a long job. On a terminal it redraws at most twice a
-    second; elsewhere (logs, CI) it writes a line at most every 5 s, so a log file shows
-    progress without filling up."""
+    """A progress bar on stderr for a long job, redrawn at most twice a second. Quiet when
+    stderr is not a terminal (logs, CI, a pipe): the job's own log lines say what it did."""
     tty = sys.stderr.isatty()
     return tqdm(
-        desc=desc, total=total, unit=unit, file=sys.stderr, disable=not enabled,
-        mininterval=0.5 if tty else 5.0, dynamic_ncols=tty,
+        desc=desc, total=total, unit=unit, file=sys.stderr, disable=not (enabled and tty),
+        mininterval=0.5, dynamic_ncols=True,
     )  # fmt: skip

@@ -139,13 +139,12 @@ class Replayer:
             self.version,
         )  # fmt: skip
         conf = self.settings.consumer_config(self.group)
-        self._consumer = Consumer(conf, logger=log)
+        self._consumer = Consumer(conf)
         if self.follow_live:
             # Reads the live group's committed offsets only; it never joins that group.
             self._live = Consumer(
                 {**self.settings.kafka_common(), "group.id": self.settings.group_id,
                  "enable.auto.commit": False},
-                logger=log,
             )  # fmt: skip
         meta = self._consumer.list_topics(self.topic, timeout=10)
         topic = meta.topics.get(self.topic)

@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 
-from streams.cli.common import settings_from, started_store
+from streams.cli.common import add_command, settings_from, started_store
+from streams.cli.errors import require_module
 from streams.settings import Settings
 
 log = logging.getLogger("reid-stream")
@@ -20,10 +21,22 @@ EXIT_ABANDONED = 3
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    p = add_command(
+        sub,
+        "migrate",
+        "create or upgrade the database schema (REID_DATABASE_URL)",
+        "migrate",
+        "--settings prod.env migrate",
+    )
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("run", help="consume detections and publish assignments until SIGTERM")
+    p = add_command(
+        sub,
+        "run",
+        "consume detections and publish assignments until SIGTERM",
+        "run",
+        "--log-format json run --runner faust",
+    )
     p.add_argument(
         "--runner", choices=["confluent", "faust"], default="confluent",
         help="Kafka client driving the batches: confluent-kafka, or a faust-streaming agent "
@@ -31,7 +44,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("similar", help="the stored detections most like one (pgvector HNSW)")
+    p = add_command(
+        sub,
+        "similar",
+        "the stored detections most like one (pgvector HNSW)",
+        "similar 3f6c0a52-1d2e-4c3b-9a61-0d4b2f9e8a11 -k 10",
+    )
     p.add_argument("detection_id")
     p.add_argument("-k", type=int, default=5, help="how many (default 5)")
     p.add_argument("--version", default=None, help="embedding version (default: the active one)")
@@ -49,9 +67,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from streams.app import StreamApp
-
     settings = settings_from(args)
+    # Missing extras stop the command here, before the model loads or a server is contacted.
+    if args.runner == "faust":
+        require_module("faust", "--runner faust")
+    if settings.backend == "onnx":
+        require_module("onnxruntime", "REID_BACKEND=onnx")
+    from streams.app import StreamApp  # torch: seconds to import
+
     app = StreamApp(settings, runner=args.runner)
 
     def on_signal(signum: int, _frame: object) -> None:

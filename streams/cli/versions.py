@@ -13,14 +13,18 @@ from pathlib import Path
 
 from sinks.cache import CacheUnavailable, CentroidCache
 from sinks.metrics import StreamMetrics
-from streams.cli.common import settings_from, started_store
+from streams.cli.common import add_command, settings_from, started_store
+from streams.cli.errors import CliError
 from streams.versions import warm_cache
 
 log = logging.getLogger("reid-stream")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="re-embed the detections topic under an embedding version")
+    p = add_command(
+        sub, "replay", "re-embed the detections topic under an embedding version",
+        "replay --embedding-version trained-v2 --weights models/v2.pt --until-end",
+    )  # fmt: skip
     p.add_argument("--embedding-version", required=True, help="the version the weights make")
     p.add_argument(
         "--weights",
@@ -64,29 +68,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("validate", help="compare two embedding versions on the replayed history")
+    p = add_command(
+        sub, "validate", "compare two embedding versions on the replayed history",
+        "validate --from seed0-msr50+effb0-calib-v2 --to trained-v2 --out validate/",
+    )  # fmt: skip
     p.add_argument("--from", dest="old", required=True, help="the current (old) version")
     p.add_argument("--to", dest="new", required=True, help="the candidate (new) version")
     p.add_argument("--out", type=Path, default=Path("validate"), help="folder for JSON and PNG")
     p.add_argument(
-        "--old-threshold", type=float, default=None, help="OLD's threshold (default REID_THRESHOLD)"
-    )
+        "--old-threshold", type=float, default=None,
+        help="OLD's threshold (default: its own in the registry, else REID_THRESHOLD)",
+    )  # fmt: skip
     p.add_argument("--no-plot", action="store_true", help="JSON only")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("activate", help="switch the live consumers to an embedding version")
+    p = add_command(sub, "activate", "switch the live consumers to an embedding version",
+                    "activate trained-v2")  # fmt: skip
     p.add_argument("version")
     p.add_argument(
         "--force",
         action="store_true",
         help="also when some stored detections have no vector of that version",
     )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the version's own assignment threshold (stored in the registry; both runners "
+        "use it instead of REID_THRESHOLD); reid-eval and validate suggest one",
+    )
     p.set_defaults(func=cmd_activate)
 
-    p = sub.add_parser("versions", help="list the embedding versions and their coverage")
+    p = add_command(sub, "versions", "list the embedding versions and their coverage", "versions")
     p.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("drop-version", help="delete an (inactive) embedding version's vectors")
+    p = add_command(sub, "drop-version", "delete an (inactive) embedding version's vectors",
+                    "drop-version seed0-msr50+effb0-calib-v2 --yes")  # fmt: skip
     p.add_argument("version")
     p.add_argument("--yes", action="store_true", help="required: the deletion cannot be undone")
     p.set_defaults(func=cmd_drop_version)
@@ -105,6 +122,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"reid-stream replay: {err}", file=sys.stderr)
         return 2
     weights = args.weights if args.weights is not None else settings.weights_path
+    if weights is not None and not Path(weights).is_file():
+        raise CliError(f"weights file {weights} not found (--weights or REID_WEIGHTS_PATH)")
     version = args.embedding_version
     metrics = ReplayMetrics()
     if args.metrics_port is not None:
@@ -153,6 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"reid-stream validate: {err}", file=sys.stderr)
         return 2
     print(table(result))
+    print(f"to use the suggested threshold: {result['activate']}")
     print(f"written: {args.out / 'validate.json'}"
           + ("" if args.no_plot else f", {args.out / 'validate.png'}"))  # fmt: skip
     return 0
@@ -174,15 +194,16 @@ def cmd_activate(args: argparse.Namespace) -> int:
                   f"have no {args.version} vector; run the replay again (it resumes where it "
                   "stopped) or pass --force", file=sys.stderr)  # fmt: skip
             return 2
-        info = store.registry.activate(args.version)
+        info = store.registry.activate(args.version, threshold=args.threshold)
     finally:
         store.stop()
     # Warm Redis now, so that the consumers' own warm-up (and any consumer that restarts)
     # finds the version complete there.
     deer = warm_cache(settings, args.version, StreamMetrics())
     poll = settings.version_poll_s
-    print(f"active embedding version: {info.version} (deer={deer}); live consumers switch "
-          f"within REID_VERSION_POLL_S={poll:g}s plus the model load")  # fmt: skip
+    own = "REID_THRESHOLD" if info.threshold is None else f"{info.threshold:g}"
+    print(f"active embedding version: {info.version} (deer={deer}, threshold {own}); live "
+          f"consumers switch within REID_VERSION_POLL_S={poll:g}s plus the model load")  # fmt: skip
     return 0
 
 
@@ -197,6 +218,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                          "vectors": cover["vectors"], "detections": cover["detections"],
                          "centroids": cover["centroids"], "deer": cover["deer"],
                          "weights": info.weights_path or f"seed={info.seed} size={info.input_size}",
+                         "threshold": info.threshold,
                          "activated_at": info.activated_at.isoformat()
                          if info.activated_at else None})  # fmt: skip
     finally:

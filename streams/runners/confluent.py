@@ -61,7 +61,7 @@ class StreamConsumer:
         self.pipeline = Pipeline(processor, self._finish_with_retry, depth=depth)
 
     def start(self) -> None:
-        self._consumer = Consumer(self.settings.consumer_config(self.group_id), logger=log)
+        self._consumer = Consumer(self.settings.consumer_config(self.group_id))
         self._consumer.subscribe(
             [self.settings.topic_detections],
             on_assign=self._on_assign,

@@ -16,7 +16,7 @@ from streams.settings import load_settings
 from streams.tools.produce import photos_from, produce_events
 from streams.tools.stack import EmbeddedStack
 from streams.tools.synthetic import synthetic_photos
-from streams.topics import ensure_topics, read_topic
+from streams.topics import ensure_stream_topics, read_topic
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,9 @@ def run_demo(
             **overrides,
         )
         migrate(settings.database_url.get_secret_value())
-        ensure_topics(
-            settings.kafka_common(),
+        ensure_stream_topics(
+            settings,
             [settings.topic_detections, settings.topic_assignments, settings.topic_dead_letters],
-            settings.topic_partitions,
         )
         if images is not None:
             photos = list(photos_from(images, events))

@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 from PIL import Image
 
 from streams.events import SCHEMA_VERSION, rfc3339
+from streams.logs import progress_bar, with_kafka_logger
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,14 @@ def produce_events(
     photos: Iterable[tuple[str, bytes]],
     *,
     cameras: int = 4,
+    progress: bool = False,
+    total: int | None = None,
 ) -> list[Produced]:
-    """Publish one event per photo (key = camera_id) and wait until the broker has them all."""
-    producer = Producer({**producer_config, "enable.idempotence": True, "linger.ms": 20})
+    """Publish one event per photo (key = camera_id) and wait until the broker has them all;
+    ``progress`` shows a bar of the acknowledged events (``total`` expected) on a terminal."""
+    config = with_kafka_logger({**producer_config, "enable.idempotence": True, "linger.ms": 20})
+    producer = Producer(config)
+    bar = progress_bar("produce", total=total, enabled=progress)
     produced: list[Produced] = []
     failures: list[str] = []
 
@@ -92,6 +98,7 @@ def produce_events(
             failures.append(str(err))
         else:
             produced.append(Produced(detection_id, msg.partition(), msg.offset()))
+            bar.update(1)
 
     for i, (_label, image) in enumerate(photos):
         camera = f"cam-{i % cameras + 1:02d}"
@@ -106,6 +113,7 @@ def produce_events(
                 producer.poll(0.1)
         producer.poll(0)
     remaining = producer.flush(60)
+    bar.close()
     if failures or remaining:
         raise RuntimeError(
             f"{len(failures)} events failed and {remaining} unconfirmed: {failures[:1]}"

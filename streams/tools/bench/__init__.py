@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from streams.logs import progress_bar
 from streams.tools.bench import sections as bench_sections
 from streams.tools.bench.report import SECTIONS, BenchPlan, BenchReport, format_tables, machine_info
 from streams.tools.bench.stream import bench_photos
@@ -98,29 +99,44 @@ def run_bench(
 
         embedder = embedder_for()
         backend = bench_sections.throughput_backend(embedder)
-        if "model" in wanted:
+        # Which section runs, and how many are left (a terminal only).
+        bar = progress_bar("bench", total=len(wanted), unit="section")
+        running: list[str] = []
+
+        def section(name: str) -> bool:
+            """Whether ``name`` runs; counts the one before it as done."""
+            if name not in wanted:
+                return False
+            bar.update(len(running))
+            running[:] = [name]
+            bar.set_postfix_str(name)
+            return True
+
+        if section("model"):
             bench_sections.model_section(report, plan, embedder)
         try:
             best = None
-            if "stream" in wanted:
+            if section("stream"):
                 best = bench_sections.stream_section(
                     report, plan, settings_for, embedder, backend, photos[: plan.stream_events]
                 )
-            if "naive" in wanted:
+            if section("naive"):
                 bench_sections.naive_section(report, plan, settings_for, embedder, photos)
-            if "latency" in wanted and best:
+            if section("latency") and best:
                 bench_sections.latency_section(report, plan, settings_for, embedder, photos, best)
             bench_sections.memory_section(report)
-            if "precision" in wanted:
+            if section("precision"):
                 bench_sections.precision_section(report, settings, embedder, photos[:64])
-            if "replay" in wanted:
+            if section("replay"):
                 bench_sections.replay_section(report, plan, settings_for, embedder)
         finally:
             embedder.stop()
-        if "matching" in wanted:
+        if section("matching"):
             bench_sections.matching_section(
                 report, plan, settings.database_url.get_secret_value(), backend
             )
+        bar.update(len(running))
+        bar.close()
     return report
 
 

@@ -21,7 +21,7 @@ from streams.replay import Replayer
 from streams.settings import Settings
 from streams.tools.produce import detection_event
 from streams.tools.synthetic import synthetic_photos
-from streams.topics import ensure_topics
+from streams.topics import ensure_stream_topics
 from streams.versions import build_embedder
 
 
@@ -54,7 +54,7 @@ def replay_rate(
     )
     try:
         migrate(db_url)
-        ensure_topics(s.kafka_common(), [s.topic_detections], 1)
+        ensure_stream_topics(s, [s.topic_detections], 1)
         photos = synthetic_photos(events, max(1, events // 4), seed=11)
         producer = Producer(s.producer_config())
         rows: list[DetectionRow] = []

@@ -83,19 +83,23 @@ def run_stream(
     """Start an app on ``settings`` (fresh topics and group), wait until it consumes, then
     feed ``photos`` (all at once, or at ``rate`` events/s) and time until all are committed."""
     from streams.app import StreamApp
-    from streams.topics import ensure_topics, read_topic
+    from streams.logs import progress_bar
+    from streams.topics import ensure_stream_topics, read_topic
 
     topics = [settings.topic_detections, settings.topic_assignments, settings.topic_dead_letters]
-    ensure_topics(settings.kafka_common(), topics, settings.topic_partitions)
+    ensure_stream_topics(settings, topics)
     app = StreamApp(settings, serve_metrics=False, runner=runner, embedder=embedder)
     feed = EventFeed(settings.producer_config(), settings.topic_detections)
     done = threading.Event()
     seen = {"messages": 0, "batches": 0, "target": 1}
     timing: dict[str, float] = {}
+    # The measured part only (a terminal only): events through the stream.
+    bar = progress_bar(f"bench {runner}", total=len(photos), enabled=False)
 
     def on_batch(outcome: Any) -> None:
         seen["messages"] += outcome.messages
         seen["batches"] += 1
+        bar.update(outcome.messages)
         if seen["messages"] >= seen["target"]:
             timing["end"] = time.perf_counter()
             done.set()
@@ -111,6 +115,7 @@ def run_stream(
             raise TimeoutError(f"bench: {runner} consumed nothing in {timeout_s:.0f}s")
         done.clear()
         seen.update(messages=0, batches=0, target=len(photos))
+        bar = progress_bar(f"bench {runner}", total=len(photos))
         timing["start"] = time.perf_counter()
         for i, photo in enumerate(photos):
             if rate:
@@ -120,6 +125,7 @@ def run_stream(
         if not done.wait(timeout_s):
             raise TimeoutError(f"bench: {runner} did not finish {len(photos)} events in time")
     finally:
+        bar.close()
         app.consumer.request_stop()
         thread.join(60)
         app.stop()
