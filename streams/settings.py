@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from reid.matching import (
     W_EFFNET,
     W_RESNET,
 )
+from streams.logs import kafka_logger
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,13 @@ class Settings(BaseSettings):
     )
     max_message_bytes: int = Field(
         8_000_000, ge=1_000, description="Larger input events are dead-lettered"
+    )
+    topic_replication_factor: int = Field(
+        -1, ge=-1, le=32767,
+        description="Replication factor of the topics created when missing (-1 = broker default)",
+    )  # fmt: skip
+    topic_min_insync_replicas: int | None = Field(
+        None, ge=1, description="min.insync.replicas of the topics created (empty = broker's)"
     )
 
     # Batching
@@ -178,7 +187,9 @@ class Settings(BaseSettings):
     def _empty_redis_disables(cls, value: Any) -> Any:
         return None if value in ("", None) else value
 
-    @field_validator("weights_path", "input_size", "onnx_cache_dir", mode="before")
+    @field_validator(
+        "weights_path", "input_size", "onnx_cache_dir", "topic_min_insync_replicas", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # Compose passes `${VAR:-}` as an empty string; that means "not set", not Path(".").
@@ -202,7 +213,10 @@ class Settings(BaseSettings):
 
     # -- views for the components -----------------------------------------------------------
     def kafka_common(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap_servers}
+        # librdkafka's own log lines go through Python logging (JSON with the rest, and
+        # rate-limited) instead of straight to stderr.
+        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap_servers,
+                                "logger": kafka_logger()}  # fmt: skip
         conf.update(self.kafka_options)
         if self.kafka_password is not None:
             conf["sasl.password"] = self.kafka_password.get_secret_value()
@@ -227,7 +241,20 @@ class Settings(BaseSettings):
 
     def producer_config(self) -> dict[str, Any]:
         conf = self.kafka_common()
-        conf.setdefault("message.max.bytes", max(1_000_000, self.max_message_bytes + 65_536))
+        conf.setdefault("message.max.bytes", self.message_limit_bytes())
+        return conf
+
+    def message_limit_bytes(self) -> int:
+        """What the producers and the topics must allow: the largest accepted event, and room
+        for a dead letter's headers and the record batch around it."""
+        return max(1_000_000, self.max_message_bytes + 65_536)
+
+    def topic_config(self) -> dict[str, str]:
+        """Configuration of the topics the stream creates: a record as large as an accepted
+        event (Kafka's default is about 1 MB) and, when set, min.insync.replicas."""
+        conf = {"max.message.bytes": str(self.message_limit_bytes())}
+        if self.topic_min_insync_replicas is not None:
+            conf["min.insync.replicas"] = str(self.topic_min_insync_replicas)
         return conf
 
 
@@ -242,6 +269,8 @@ def explain(err: ValidationError) -> str:
         given = "" if e["type"] == "missing" or not e["loc"] else f" (got {e['input']!r})"
         if field in SECRET_FIELDS:
             given = ""  # a wrong secret is still a secret
+        if e["type"] == "extra_forbidden" and (close := closest_setting(name)):
+            given += f"; did you mean {close}?"
         lines.append(f"  {name}: {e['msg']}{given}")
     return "\n".join(lines)
 
@@ -266,3 +295,33 @@ def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) 
         m = re.search(r'field "(\w+)"', str(err))
         name = f"REID_{m.group(1).upper()}" if m else "a setting"
         raise SettingsError(f"{name}: cannot parse the value (lists and objects are JSON)") from err
+
+
+# REID_* names read by something else than a field: load_settings() itself, the compose file
+# (image tag) and the fault tests (report writing). Anything else is a typo or a leftover.
+OTHER_VARIABLES = frozenset(
+    {"REID_SETTINGS_FILE", "REID_SECRETS_DIR", "REID_IMAGE_TAG", "REID_WRITE_RELIABILITY"}
+)
+
+
+def closest_setting(name: str) -> str | None:
+    """The real variable nearest to a misspelt one (``REID_TRESHOLD`` -> ``REID_THRESHOLD``)."""
+    import difflib
+
+    known = sorted({f"REID_{field.upper()}" for field in Settings.model_fields} | OTHER_VARIABLES)
+    found = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``REID_*`` variable in ``environ`` that no setting reads (they would be
+    ignored silently), with the closest real name when there is one."""
+    known = {f"REID_{field.upper()}" for field in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for name in sorted(environ):
+        # pydantic-settings matches names case-insensitively, so reid_threshold is read.
+        if name.upper().startswith("REID_") and name.upper() not in known:
+            close = closest_setting(name)
+            hint = f"; did you mean {close}?" if close else " (docs/settings.md lists them)"
+            lines.append(f"settings: {name} is not a setting and is ignored{hint}")
+    return lines

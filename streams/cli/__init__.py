@@ -4,11 +4,25 @@ calls the service or a tool, and prints. Nothing outside this package imports it
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from streams.cli import deer, service, tools, versions
-from streams.cli.common import configure_logging
+from streams.cli.common import LOG_FORMAT, configure_logging
+from streams.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, one_line, redacted
+from streams.settings import unknown_variables
+
+log = logging.getLogger("reid-stream")
+
+
+def version() -> str:
+    try:
+        return metadata.version("deer-reid-stream")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--settings", type=Path, default=None, help="dotenv settings file (REID_SETTINGS_FILE)"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--log-level", default=None, help="overrides REID_LOG_LEVEL")
     parser.add_argument(
         "--log-format", default=None, help="text or json; overrides REID_LOG_FORMAT"
@@ -38,4 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         args.log_level or os.environ.get("REID_LOG_LEVEL", "INFO"),
         args.log_format or os.environ.get("REID_LOG_FORMAT", "text"),
     )
-    return args.func(args)
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        settings = getattr(args, "loaded_settings", None)
+        message = one_line(err, settings)
+        if message is None:
+            raise  # not a failure we know: a bug, whose traceback helps
+        fail(f"{args.command}: {redacted(message, settings)}")
+        return EXIT_FAILED
+
+
+def fail(message: str) -> None:
+    """The one line a failed command ends with: a log record in JSON mode, else plain text."""
+    if LOG_FORMAT["current"] == "json":
+        log.error("%s", message)
+    else:
+        print(f"reid-stream {message}", file=sys.stderr, flush=True)
