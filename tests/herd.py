@@ -31,14 +31,15 @@ class Herd:
     flagged: list[str] = field(default_factory=list)
 
 
-def thumbnails(count: int) -> list[bytes]:
-    photos = [path for _, path in zebra_images(individuals=5, per_individual=4)]
-    out = []
-    for i in range(count):
-        with Image.open(photos[i % len(photos)]) as image:
+def thumbnails(animals: int, sightings: int) -> list[list[bytes]]:
+    """Per animal, a thumbnail per sighting: one zebra's photos for each animal (cycled)."""
+    photos = zebra_images(individuals=animals, per_individual=sightings)
+    out: list[list[bytes]] = [[] for _ in range(animals)]
+    for i, (_, path) in enumerate(photos):
+        with Image.open(path) as image:
             thumb = thumbnail_jpeg(image.convert("RGB"), ThumbnailSpec(128, 16_384))
         assert thumb is not None
-        out.append(thumb)
+        out[i // sightings].append(thumb)
     return out
 
 
@@ -58,19 +59,19 @@ def seed_herd(
     rng = np.random.default_rng(seed)
     base_r = l2_normalise(rng.standard_normal((animals, DIM)))
     base_e = l2_normalise(rng.standard_normal((animals, DIM)))
-    plan: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+    photos = thumbnails(animals, sightings)
+    plan: list[tuple[str, int, np.ndarray, np.ndarray, bytes]] = []
     for s in range(sightings):
         for a in range(animals):
             noise = 0.6 / np.sqrt(DIM)
             r = l2_normalise(base_r[a] + rng.normal(scale=noise, size=DIM))
             e = l2_normalise(base_e[a] + rng.normal(scale=noise, size=DIM))
-            plan.append((f"{prefix}-{a}-{s}", a, r, e))
+            plan.append((f"{prefix}-{a}-{s}", a, r, e, photos[a][s]))
     for k in range(ambiguous):  # between animal k and k+1: scores close to both
         a, b = k % animals, (k + 1) % animals
         r = l2_normalise(base_r[a] * 1.05 + base_r[b])
         e = l2_normalise(base_e[a] * 1.05 + base_e[b])
-        plan.append((f"{prefix}-amb-{k}", a, r, e))
-    thumbs = thumbnails(len(plan))
+        plan.append((f"{prefix}-amb-{k}", a, r, e, photos[a][k % sightings]))
     herd = Herd()
     for start in range(0, len(plan), batch):
         chunk = plan[start : start + batch]
@@ -80,23 +81,34 @@ def seed_herd(
         assigned = assign_batch(r, e, gallery, threshold=THRESHOLD, review_band=0.05,
                                 review_margin=0.05)  # fmt: skip
         rows = []
-        for i, ((detection_id, animal, vr, ve), m) in enumerate(zip(chunk, assigned.matches,
+        for i, ((detection_id, animal, vr, ve, thumb), m) in enumerate(zip(chunk, assigned.matches,
                                                                      strict=True)):  # fmt: skip
             herd.animal_of[detection_id] = animal
             n = start + i
             rows.append(
                 DetectionRow(
-                    detection_id=detection_id, camera_id=f"cam-{n % 3}",
-                    captured_at=T0 + timedelta(minutes=n), deer_id=m.deer_id,
+                    detection_id=detection_id,
+                    camera_id=f"cam-{n % 3}",
+                    captured_at=T0 + timedelta(minutes=n),
+                    deer_id=m.deer_id,
                     new_deer=m.new_deer if m.deer_id is None else None,
-                    is_new_deer=m.is_new_deer, similarity=m.similarity,
-                    score_resnet=m.score_resnet, score_effnet=m.score_effnet,
-                    embedding_resnet=vr, embedding_effnet=ve, bbox=None, confidence=0.9,
-                    species="zebra", source_topic="detections", source_partition=0,
-                    source_offset=n, processed_at=T0 + timedelta(minutes=n, seconds=5),
-                    needs_review=m.needs_review, candidates=candidate_scores(m.candidates),
-                    thumbnail=thumbs[n],
-                )  # fmt: skip
+                    is_new_deer=m.is_new_deer,
+                    similarity=m.similarity,
+                    score_resnet=m.score_resnet,
+                    score_effnet=m.score_effnet,
+                    embedding_resnet=vr,
+                    embedding_effnet=ve,
+                    bbox=None,
+                    confidence=0.9,
+                    species="zebra",
+                    source_topic="detections",
+                    source_partition=0,
+                    source_offset=n,
+                    processed_at=T0 + timedelta(minutes=n, seconds=5),
+                    needs_review=m.needs_review,
+                    candidates=candidate_scores(m.candidates),
+                    thumbnail=thumb,
+                )
             )
         result = store.write_batch(version, len(assigned.new_deer), rows, merge_centroid,
                                    known_deer_ids=gallery.deer_ids.tolist())  # fmt: skip
@@ -105,3 +117,20 @@ def seed_herd(
             if saved.needs_review:
                 herd.flagged.append(saved.detection_id)
     return herd
+
+
+def curation_settings(stack, database_url: str, unique: str, **overrides):
+    """Settings of a curation command or review page on the session's stack: its own
+    deer.changes topic and cache prefix (named after ``unique``)."""
+    from streams.settings import load_settings
+
+    return load_settings(
+        kafka_bootstrap_servers=stack.info.kafka_bootstrap,
+        database_url=database_url,
+        redis_url=stack.info.redis_url,
+        topic_deer_changes=f"deer.changes-{unique}",
+        cache_key_prefix=f"reid-{unique}",
+        metrics_port=0,
+        threshold=THRESHOLD,
+        **overrides,
+    )
