@@ -17,7 +17,18 @@ RUN uv python install 3.11 && uv venv --python 3.11 /opt/venv
 WORKDIR /src
 # Dependencies first: this layer (torch and CUDA libraries, ~5 GB) survives code changes.
 COPY requirements.lock ./
-RUN uv pip install --python /opt/venv/bin/python --no-deps -r requirements.lock
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only build of the pinned
+# torch/torchvision pair instead of the CUDA one and leaves the CUDA libraries out (the image of
+# docker-compose.cpu.yml, with CUDA_IMAGE=ubuntu:24.04). Empty: exactly requirements.lock.
+ARG TORCH_INDEX=""
+RUN if [ -z "$TORCH_INDEX" ]; then \
+        uv pip install --python /opt/venv/bin/python --no-deps -r requirements.lock; \
+    else \
+        grep -vE '^(nvidia-|cuda-|triton==|torch==|torchvision==)' requirements.lock > /tmp/cpu.lock \
+        && uv pip install --python /opt/venv/bin/python --no-deps -r /tmp/cpu.lock \
+        && uv pip install --python /opt/venv/bin/python --no-deps --index-url "$TORCH_INDEX" \
+           $(grep -E '^(torch|torchvision)==' requirements.lock); \
+    fi
 COPY pyproject.toml README.md ./
 COPY streams streams
 COPY reid reid
@@ -56,7 +67,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     REID_METRICS_HOST=0.0.0.0 \
     REID_METRICS_PORT=9108 \
     REID_LOG_FORMAT=json
-USER reid
+# Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
 WORKDIR /home/reid
 EXPOSE 9108
 # Liveness: the process answers on its operations port (readiness is /readyz).

@@ -36,7 +36,7 @@ PROMQL_WORDS = {
     "unless", "rate", "irate", "increase", "delta", "deriv", "histogram_quantile", "clamp_min",
     "clamp_max", "offset", "bool", "group_left", "group_right", "label_values", "instance",
     "le", "stage", "topic", "partition", "outcome", "reason", "result", "decision",
-    "dependency", "job", "abs", "time", "absent", "e",
+    "dependency", "job", "abs", "time", "absent", "e", "max_over_time",
 }  # fmt: skip
 
 
