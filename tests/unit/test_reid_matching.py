@@ -229,3 +229,47 @@ def test_large_gallery_matches_naive_reference() -> None:
     np.testing.assert_allclose(
         np.stack([nd.resnet for nd in result.new_deer]), exp_new_r, atol=1e-6
     )
+
+
+# -- candidates and the review flag (docs/curation.md) --------------------------------------
+def test_candidates_name_the_best_three_deer_best_first() -> None:
+    g = _gallery([_angle(0), _angle(30), _angle(60), _angle(90)],
+                 [_angle(0), _angle(30), _angle(60), _angle(90)], ids=[7, 8, 9, 10])  # fmt: skip
+    q = np.stack([_angle(20)])
+    m = assign_batch(q, q, g, threshold=0.5).matches[0]
+    assert [c.deer_id for c in m.candidates] == [8, 7, 9]  # 10 deg, 20 deg, 40 deg away
+    assert m.candidates[0].deer_id == m.deer_id
+    assert m.candidates[0].similarity == pytest.approx(math.cos(math.radians(10)), abs=1e-6)
+    assert [c.similarity for c in m.candidates] == sorted(
+        (c.similarity for c in m.candidates), reverse=True
+    )
+    # A deer created earlier in the batch is a candidate too, named by its index.
+    q = np.stack([_angle(180), _angle(178)])
+    second = assign_batch(q, q, g, threshold=0.9).matches[1]
+    assert second.deer_id is None and second.new_deer == 0
+    assert second.candidates[0].new_deer == 0 and second.candidates[0].deer_id is None
+
+
+def test_review_flag_band_and_margin() -> None:
+    g = _gallery([_angle(0), _angle(90)], [_angle(0), _angle(90)], ids=[1, 2])
+    close = np.stack([_angle(40)])  # cos 40 deg = 0.766: just above a threshold of 0.75
+    clear = np.stack([_angle(5)])  # 0.996, runner-up far below
+    split = np.stack([_angle(45)])  # 0.707 to both deer: which one is the question
+    kw = {"threshold": 0.75, "review_band": 0.05, "review_margin": 0.03}
+    assert assign_batch(close, close, g, **kw).matches[0].needs_review
+    assert not assign_batch(clear, clear, g, **kw).matches[0].needs_review
+    assert not assign_batch(close, close, g, threshold=0.75).matches[0].needs_review  # off
+    kw = {"threshold": 0.5, "review_band": 0.05, "review_margin": 0.03}
+    assert assign_batch(split, split, g, **kw).matches[0].needs_review  # runner-up ties
+    assert (
+        not assign_batch(split, split, g, threshold=0.5, review_band=0.05).matches[0].needs_review
+    )  # margin off
+    # A new deer just below the threshold is flagged; two far-off rejected deer are not
+    # (their runner-up gap does not matter: both were rejected).
+    below = assign_batch(close, close, g, threshold=0.78, review_band=0.05).matches[0]
+    assert below.is_new_deer and below.needs_review
+    far = assign_batch(split, split, g, threshold=0.95, review_band=0.05, review_margin=0.5)
+    assert far.matches[0].is_new_deer and not far.matches[0].needs_review
+    # The very first deer has nothing to compare with: no candidates, no flag.
+    first = assign_batch(clear, clear, Gallery.empty(4), review_band=1.0).matches[0]
+    assert first.candidates == () and not first.needs_review

@@ -90,3 +90,82 @@ def test_secrets_come_from_files_and_stay_out_of_repr(tmp_path, monkeypatch):
     assert s.database_url.get_secret_value().endswith("@db:5432/reid")
     assert s.kafka_common()["sasl.password"] == "kafka-pw"
     assert "s3cret-pw" not in repr(s) and "kafka-pw" not in str(s)
+
+
+# -- thumbnails (docs/curation.md) ----------------------------------------------------------
+def _photo(width: int, height: int, seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_thumbnail_keeps_the_aspect_and_its_size_bound():
+    import io
+
+    from PIL import Image
+
+    from reid.preprocess import decode_image
+    from streams.images import ThumbnailSpec, thumbnail_jpeg
+
+    image = decode_image(_photo(800, 400))
+    thumb = thumbnail_jpeg(image, ThumbnailSpec(128, 16_384))
+    with Image.open(io.BytesIO(thumb)) as small:
+        assert small.format == "JPEG" and small.size == (128, 64)
+    tiny = decode_image(_photo(40, 30))
+    with Image.open(io.BytesIO(thumbnail_jpeg(tiny, ThumbnailSpec(128, 16_384)))) as small:
+        assert small.size == (40, 30)  # never enlarged
+    # Noise compresses badly: at a bound it cannot meet, no thumbnail rather than a big one.
+    assert thumbnail_jpeg(decode_image(_photo(800, 800)), ThumbnailSpec(512, 1_024)) is None
+    assert len(thumbnail_jpeg(image, ThumbnailSpec(128, 16_384))) <= 16_384
+
+
+def test_crop_with_thumbnail_and_the_gpu_path_thumbnail():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from reid.preprocess import Preprocess
+    from streams.events import parse_detection
+    from streams.images import (
+        ImageRoots,
+        ThumbnailSpec,
+        crop_with_thumbnail,
+        thumbnail_from_bytes,
+    )
+
+    data = _photo(600, 300, seed=1)
+    doc = {"schema": 1, "detection_id": "d", "camera_id": "c",
+           "captured_at": "2026-11-02T05:31:12Z", "bbox": [100, 50, 400, 250],
+           "image_b64": base64.b64encode(data).decode()}  # fmt: skip
+    event = parse_detection(__import__("json").dumps(doc).encode(), max_bytes=10**7)
+    spec = ThumbnailSpec(128, 16_384)
+    pixels, thumb = crop_with_thumbnail(event, ImageRoots([]), Preprocess((64, 64)),
+                                        max_pixels=10**7, thumbnail=spec)  # fmt: skip
+    assert tuple(pixels.shape) == (3, 64, 64)
+    with Image.open(io.BytesIO(thumb)) as small:
+        assert small.size == (128, 85)  # the 300 x 200 box
+    assert crop_with_thumbnail(event, ImageRoots([]), Preprocess((64, 64)),
+                               max_pixels=10**7)[1] is None  # fmt: skip
+    drafted = thumbnail_from_bytes(data, event.bbox, spec, max_pixels=10**7)
+    with Image.open(io.BytesIO(drafted)) as small:
+        assert small.size == (128, 85)
+    assert thumbnail_from_bytes(b"not an image", None, spec, max_pixels=10**7) is None
+
+
+def test_curation_settings(monkeypatch):
+    s = load_settings()
+    assert (s.review_band, s.review_margin, s.thumbnail_px) == (0.05, 0.03, 128)
+    assert s.review_token is None and s.topic_deer_changes == "deer.changes"
+    monkeypatch.setenv("REID_REVIEW_TOKEN", "s3cr3t-v4lue")
+    monkeypatch.setenv("REID_THUMBNAIL_PX", "0")
+    s = load_settings()
+    assert s.review_token.get_secret_value() == "s3cr3t-v4lue" and "s3cr3t" not in repr(s)
+    assert s.thumbnail_px == 0
