@@ -3,6 +3,7 @@
 # the CUDA images ship another Python), pinned dependencies, non-root, weights baked in when
 # the build can reach them. Build: `docker compose build` or
 #   docker build -t deer-reid-stream --build-arg WEIGHTS_URL=https://.../ensemble.pt .
+#   docker build -t deer-reid-stream --build-arg WEIGHTS_SET="imagenet megadescriptor-t" .
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.8.15
 
@@ -39,18 +40,22 @@ RUN uv pip install --python /opt/venv/bin/python --no-deps .
 FROM build AS weights
 # A trained ensemble checkpoint ('reid-ensemble/1', see reid/weights.py), if you have one.
 ARG WEIGHTS_URL=""
-# torchvision's ImageNet trunks (a better start than the seeded fallback) when the build has
-# network access; without it the step says so and the image starts from the seeded weights.
-ARG BAKE_IMAGENET_WEIGHTS=1
-ENV TORCH_HOME=/opt/reid/torch
-RUN mkdir -p /opt/reid/weights /opt/reid/torch \
+# Pretrained sets pulled with `reid-stream weights pull` (verified, into the torch hub and
+# Hugging Face caches under /opt/reid), space-separated names from `reid-stream weights list`;
+# "imagenet" gives the default ensemble its torchvision trunks. Empty = none. Without network
+# the step says which file to place where and the image starts from the seeded weights.
+ARG WEIGHTS_SET="imagenet"
+# A mirror of the publishers (REID_WEIGHTS_BASE_URL), for builds without internet access.
+ARG WEIGHTS_BASE_URL=""
+ENV TORCH_HOME=/opt/reid/torch HF_HOME=/opt/reid/hf
+RUN mkdir -p /opt/reid/weights /opt/reid/torch /opt/reid/hf \
  && if [ -n "$WEIGHTS_URL" ]; then \
         /opt/venv/bin/python -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], '/opt/reid/weights/ensemble.pt')" "$WEIGHTS_URL"; \
     fi \
- && if [ "$BAKE_IMAGENET_WEIGHTS" = "1" ]; then \
-        /opt/venv/bin/python -c "from torchvision import models as m; m.resnet50(weights=m.ResNet50_Weights.IMAGENET1K_V2); m.efficientnet_b0(weights=m.EfficientNet_B0_Weights.IMAGENET1K_V1)" \
-        || echo "WARNING: ImageNet weights not reachable at build time; mount a checkpoint at /models/ensemble.pt"; \
-    fi
+ && for name in $WEIGHTS_SET; do \
+        REID_WEIGHTS_BASE_URL="$WEIGHTS_BASE_URL" /opt/venv/bin/reid-stream weights pull "$name" --no-progress \
+        || echo "WARNING: weights $name not pulled at build time; see the line above"; \
+    done
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
@@ -64,6 +69,7 @@ COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TORCH_HOME=/opt/reid/torch \
+    HF_HOME=/opt/reid/hf \
     REID_METRICS_HOST=0.0.0.0 \
     REID_METRICS_PORT=9108 \
     REID_LOG_FORMAT=json

@@ -1,4 +1,4 @@
-"""The two embedding backbones of the ensemble; each maps an image batch to L2-normalised 512-d.
+"""The default ensemble members; each maps an image batch to L2-normalised 512-d.
 
 The modules are built without weights; `reid.weights` decides what goes into them.
 """
@@ -63,17 +63,42 @@ class EfficientNetB0Embedder(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Both backbones; one forward pass of each per batch."""
+    """Two members; one forward pass of each per batch.
+
+    The attribute names stay `resnet` and `effnet` (the first and second member, whatever
+    their architecture: reid.members), because the stored vectors, the checkpoints and the
+    embeddings are named so. ``boxes``: each member's (height, left, width) on the input
+    when the members take different views (`Preprocess.view_boxes`); None = the whole input.
+    ``shared``: one module serves both (a single backbone in the stream), run once.
+    """
 
     def __init__(
         self,
-        resnet: MultiScaleResNet50 | None = None,
-        effnet: EfficientNetB0Embedder | None = None,
+        resnet: nn.Module | None = None,
+        effnet: nn.Module | None = None,
+        *,
+        boxes: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         # Unseeded when built here; `reid.weights.build_seeded` is the reproducible path.
         self.resnet = resnet if resnet is not None else MultiScaleResNet50()
+        if shared:
+            effnet = self.resnet
         self.effnet = effnet if effnet is not None else EfficientNetB0Embedder()
+        self.boxes = boxes
+        self.shared = shared
+
+    def _view(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if self.boxes is None:
+            return x
+        height, left, width = self.boxes[k]
+        if (height, width) == tuple(x.shape[2:]):
+            return x
+        return x[:, :, :height, left : left + width]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.resnet(x), self.effnet(x)
+        first = self.resnet(self._view(x, 0))
+        if self.shared:
+            return first, first
+        return first, self.effnet(self._view(x, 1))

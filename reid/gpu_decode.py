@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -99,12 +98,13 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
 def decode_crops(
     payloads: Sequence[bytes],
     bboxes: Sequence[Sequence[float] | None],
-    input_size: tuple[int, int],
+    input_size: tuple[int, int] | Preprocess,
     *,
     device: str | torch.device = "cuda",
     max_pixels: int = 40_000_000,
 ) -> DecodedCrops:
-    """Decode each payload, cut its box (None = whole image), resize to ``input_size`` (H, W).
+    """Decode each payload, cut its box (None = whole image), resize it as ``input_size``
+    says: (H, W) squashed, or a `Preprocess` (its fit and views, as the CPU path draws them).
 
     Returns the successes stacked in input order on ``device`` (the CPU when CUDA is absent),
     and an `ImageError` per refused input (reasons as `decode_image` and `crop` give them).
@@ -117,7 +117,10 @@ def decode_crops(
         fast = False
     else:
         fast = True
-    height, width = input_size
+    preprocess = (
+        input_size if isinstance(input_size, Preprocess) else Preprocess(input_size=input_size)
+    )
+    height, width = preprocess.input_size
     limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     results: dict[int, torch.Tensor] = {}
     errors: dict[int, ImageError] = {}
@@ -147,9 +150,8 @@ def decode_crops(
             slow.append(i)  # a decoder error, or a frame other than the header said
             continue
         left, top, right, bottom = box
-        results[i] = _resize(image[:, top:bottom, left:right], (height, width))
+        results[i] = preprocess.render_tensor(image[:, top:bottom, left:right])
 
-    preprocess = Preprocess(input_size=(height, width))
     for i in slow:
         try:
             image = crop(decode_image(payloads[i], max_pixels=max_pixels), bboxes[i])
@@ -201,10 +203,3 @@ def _decode_all(
         except RuntimeError:
             decoded.append(None)
     return decoded
-
-
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [3, h, w] -> uint8 [3, H, W]: bilinear with antialias, like PIL's resize."""
-    x = image.unsqueeze(0).to(torch.float32)
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).squeeze(0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 _BBOX_TOLERANCE = 0.5
@@ -117,57 +118,175 @@ def _validate_bbox(bbox: Sequence[float], size: tuple[int, int]) -> tuple[float,
     return coords
 
 
+FITS = ("squash", "pad")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a crop becomes a model input; stored in checkpoints so training and serving agree."""
+    """How a crop becomes a model input; stored in checkpoints so training and serving agree.
+
+    ``fit``: "squash" resizes the whole crop to ``input_size`` (the aspect changes); "pad"
+    keeps the aspect (side views of animals are wide: 192 x 384 keeps a flank's pattern that
+    a square would squeeze) and centres the resized crop on a canvas of the mean colour, so
+    the padding is zero after normalisation.
+
+    ``views``: for an ensemble whose members want different inputs (size, fit, mean/std),
+    one single-view Preprocess per member, drawn side by side on one canvas (a contact
+    sheet; `Preprocess.sheet`). Everything downstream (decoders, batches, the ONNX graph)
+    still sees one uint8 image per detection; each member cuts its own view out of it
+    (`view_boxes`).
+    """
 
     input_size: tuple[int, int] = (224, 224)  # (H, W)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    fit: str = "squash"
+    views: tuple[Preprocess, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.input_size) != 2 or min(self.input_size) < 1:
             raise ValueError(f"input_size must be (H, W) positive, got {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean/std must be 3 values with std > 0: {self.mean} {self.std}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.views:
+            if any(v.views for v in self.views):
+                raise ValueError("views cannot nest")
+            size = (max(v.input_size[0] for v in self.views),
+                    sum(v.input_size[1] for v in self.views))  # fmt: skip
+            if tuple(self.input_size) != size:
+                raise ValueError(f"a sheet of these views is {size}, not {self.input_size}")
+
+    @classmethod
+    def sheet(cls, views: Sequence[Preprocess]) -> Preprocess:
+        """One input for members with their own views; equal views collapse into one."""
+        distinct = list(dict.fromkeys(views))
+        if len(distinct) == 1:
+            return distinct[0]
+        height = max(v.input_size[0] for v in distinct)
+        width = sum(v.input_size[1] for v in distinct)
+        first = distinct[0]
+        return cls((height, width), first.mean, first.std, first.fit, tuple(distinct))
+
+    def view_boxes(self) -> list[tuple[int, int, int]]:
+        """(height, left, width) of each view on the canvas: a member's input is
+        ``x[:, :, :height, left:left + width]``."""
+        if not self.views:
+            return [(self.input_size[0], 0, self.input_size[1])]
+        boxes, left = [], 0
+        for v in self.views:
+            boxes.append((v.input_size[0], left, v.input_size[1]))
+            left += v.input_size[1]
+        return boxes
+
+    def view_of(self, single: Preprocess) -> int:
+        """The index of ``single``'s view on this canvas."""
+        views = list(self.views) or [self]
+        return views.index(single)
+
+    def _layout(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(new H, new W, top, left) of a ``height`` x ``width`` crop on this view."""
+        out_h, out_w = self.input_size
+        if self.fit == "squash":
+            return out_h, out_w, 0, 0
+        scale = min(out_h / height, out_w / width)
+        new_h = min(out_h, max(1, round(height * scale)))
+        new_w = min(out_w, max(1, round(width * scale)))
+        return new_h, new_w, (out_h - new_h) // 2, (out_w - new_w) // 2
+
+    def _fill(self) -> tuple[int, int, int]:
+        return tuple(round(255 * m) for m in self.mean)  # type: ignore[return-value]
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """Resize the whole image to `input_size`; returns uint8 [3, H, W].
+        """Resize (and pad) the crop to `input_size`; returns uint8 [3, H, W].
 
         Uses PIL's bilinear resampling, which widens its support when shrinking (antialias).
         It touches no shared state and releases the GIL, so decode threads can call it.
         """
-        height, width = self.input_size
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        resized = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        array = np.array(resized, dtype=np.uint8)  # copy: torch wants a writable buffer
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        if self.views:
+            canvas = Image.new("RGB", self.input_size[::-1])
+            for view, (_, left, _) in zip(self.views, self.view_boxes(), strict=True):
+                canvas.paste(view._render(rgb), (left, 0))
+            return _tensor(canvas)
+        return _tensor(self._render(rgb))
+
+    def _render(self, rgb: Image.Image) -> Image.Image:
+        height, width = self.input_size
+        new_h, new_w, top, left = self._layout(rgb.height, rgb.width)
+        resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        if (new_h, new_w) == (height, width):
+            return resized
+        canvas = Image.new("RGB", (width, height), self._fill())
+        canvas.paste(resized, (left, top))
+        return canvas
+
+    def render_tensor(self, crop: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, h, w] on any device -> uint8 [3, H, W]: what `to_uint8` does, in torch
+        (bilinear with antialias, like PIL's resize), for decoders that crop tensors."""
+        if self.views:
+            canvas = crop.new_zeros((3, *self.input_size))
+            for view, (height, left, width) in zip(self.views, self.view_boxes(), strict=True):
+                canvas[:, :height, left : left + width] = view.render_tensor(crop)
+            return canvas
+        new_h, new_w, top, left = self._layout(crop.shape[1], crop.shape[2])
+        x = crop.unsqueeze(0).to(torch.float32)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True,
+                          align_corners=False)  # fmt: skip
+        resized = x.round_().clamp_(0, 255).to(torch.uint8).squeeze(0)
+        if (new_h, new_w) == tuple(self.input_size):
+            return resized
+        fill = torch.tensor(self._fill(), dtype=torch.uint8, device=crop.device)
+        canvas = fill.view(3, 1, 1).expand(3, *self.input_size).clone()
+        canvas[:, top : top + new_h, left : left + new_w] = resized
+        return canvas
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] on any device -> float32 normalised on the same device."""
+        """uint8 [N, 3, H, W] on any device -> float32 normalised on the same device (each
+        view of a sheet with its own mean and std)."""
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected uint8 [N, 3, H, W], got {batch.dtype} {tuple(batch.shape)}")
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device)
+        views = list(self.views) or [self]
+        widths = [v.input_size[1] for v in views] if self.views else [batch.shape[3]]
+        mean = torch.tensor([v.mean for v in views], dtype=torch.float32, device=batch.device)
+        std = torch.tensor([v.std for v in views], dtype=torch.float32, device=batch.device)
+        repeats = torch.tensor(widths, device=batch.device)
+        # Per column: [3, W], each view's statistics over its own columns.
+        mean = mean.repeat_interleave(repeats, dim=0).T
+        std = std.repeat_interleave(repeats, dim=0).T
         scale = 1.0 / (255.0 * std)
         # (x/255 - mean)/std folded into one multiply-add.
-        return batch.to(torch.float32) * scale.view(1, 3, 1, 1) - (mean / std).view(1, 3, 1, 1)
+        return batch.to(torch.float32) * scale.view(1, 3, 1, -1) - (mean / std).view(1, 3, 1, -1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "input_size": list(self.input_size),
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.fit != "squash":  # older readers know only the three fields above
+            out["fit"] = self.fit
+        if self.views:
+            out["views"] = [v.to_dict() for v in self.views]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
-        unknown = set(data) - {"input_size", "mean", "std"}
+        unknown = set(data) - {"input_size", "mean", "std", "fit", "views"}
         if unknown:
             raise ValueError(f"unknown preprocess fields: {sorted(unknown)}")
+        if data.get("views"):
+            return cls.sheet([cls.from_dict(v) for v in data["views"]])
         defaults = cls()
         return cls(
             input_size=tuple(int(v) for v in data.get("input_size", defaults.input_size)),
             mean=tuple(float(v) for v in data.get("mean", defaults.mean)),
             std=tuple(float(v) for v in data.get("std", defaults.std)),
+            fit=str(data.get("fit", "squash")),
         )
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    array = np.array(image, dtype=np.uint8)  # copy: torch wants a writable buffer
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -10,6 +10,9 @@ their embedder again and a state:
 - ``ready``: a replay reached the end of the topic (or it was active before);
 - ``active``: the version the live consumers read and write; at most one (a unique index).
 
+Each version may carry its own assignment threshold (``threshold``, migration 0005; NULL =
+the global ``REID_THRESHOLD``), set with ``activate`` or ``set_threshold``.
+
 Each version gets its own partial HNSW indexes (``WHERE embedding_version = '<V>'``), created
 when it is registered and dropped with it; the DDL is composed with
 ``psycopg.sql.Identifier``/``Literal``, and the index names carry a digest of the version
@@ -87,6 +90,8 @@ class VersionInfo:
     created_at: datetime
     activated_at: datetime | None
     replayed_at: datetime | None
+    # Its own assignment threshold (migration 0005); None = REID_THRESHOLD.
+    threshold: float | None = None
 
     @property
     def spec(self) -> VersionSpec:
@@ -97,7 +102,7 @@ class VersionInfo:
 
 VERSION_COLUMNS = (
     "version, weights_path, weights_sha256, seed, input_size, state, created_at, activated_at, "
-    "replayed_at"
+    "replayed_at, threshold"
 )
 
 
@@ -241,12 +246,15 @@ class VersionRegistry:
                 (state, state, version),
             )
 
-    def activate(self, version: str) -> VersionInfo:
-        """Make ``version`` the active one (the previous active one becomes ``ready``)."""
+    def activate(self, version: str, *, threshold: float | None = None) -> VersionInfo:
+        """Make ``version`` the active one (the previous active one becomes ``ready``); with
+        ``threshold``, set the version's own threshold in the same transaction."""
         with self._store.session("activate_version") as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (VERSIONS_LOCK_KEY,))
             if _version(conn, version) is None:
                 raise ValueError(f"embedding version {version!r} is not registered")
+            if threshold is not None:
+                _set_threshold(conn, version, threshold)
             conn.execute(
                 "UPDATE embedding_versions SET state = 'ready', updated_at = now() "
                 "WHERE state = 'active' AND version <> %s",
@@ -261,6 +269,18 @@ class VersionRegistry:
         self.ensure_indexes(version)
         assert info is not None
         log.info("store: embedding version activated version=%s", version)
+        return info
+
+    def set_threshold(self, version: str, threshold: float | None) -> VersionInfo:
+        """Set (None: clear) ``version``'s own threshold; live consumers of the active
+        version pick it up at their next registry poll."""
+        with self._store.session("set_version_threshold") as conn, conn.transaction():
+            if _version(conn, version) is None:
+                raise ValueError(f"embedding version {version!r} is not registered")
+            _set_threshold(conn, version, threshold)
+            info = _version(conn, version)
+        assert info is not None
+        log.info("store: embedding version threshold version=%s threshold=%s", version, threshold)
         return info
 
     def drop(self, version: str) -> dict[str, int]:
@@ -321,3 +341,12 @@ def _version(conn: psycopg.Connection[Any], version: str) -> VersionInfo | None:
         f"SELECT {VERSION_COLUMNS} FROM embedding_versions WHERE version = %s", (version,)
     ).fetchone()
     return None if row is None else VersionInfo(*row)
+
+
+def _set_threshold(conn: psycopg.Connection[Any], version: str, threshold: float | None) -> None:
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be within [-1, 1], got {threshold}")
+    conn.execute(
+        "UPDATE embedding_versions SET threshold = %s, updated_at = now() WHERE version = %s",
+        (threshold, version),
+    )

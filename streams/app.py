@@ -184,7 +184,10 @@ class StreamApp:
         # thread (the pipelined finish stage) when the runner polls.
         poll_store = PgStore(s.database_url.get_secret_value())
         poll_store.start()
-        self.versions = VersionSwitch(s, poll_store, self.metrics, self.embedder.embedding_version)
+        self.versions = VersionSwitch(
+            s, poll_store, self.metrics, self.embedder.embedding_version,
+            thresholds=self.processor.thresholds,
+        )  # fmt: skip
 
     def _model_info(self) -> None:
         self.metrics.embedding_info.info(

@@ -82,6 +82,9 @@ class BatchProcessor:
         )
         self._pool: ThreadPoolExecutor | None = None
         self._batches = itertools.count(1)
+        # Per embedding version, its own threshold from the registry (kept current by
+        # streams.versions.VersionSwitch); a version without one uses REID_THRESHOLD.
+        self.thresholds: dict[str, float] = {}
 
     def start(self) -> None:
         workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
@@ -307,7 +310,7 @@ class BatchProcessor:
         def plan_against(known: Gallery) -> tuple[int, list[DetectionRow]]:
             plan = assign_batch(
                 vectors.resnet, vectors.effnet, known,
-                threshold=self.settings.threshold,
+                threshold=self.thresholds.get(version, self.settings.threshold),
                 review_band=self.settings.review_band,
                 review_margin=self.settings.review_margin,
                 w_resnet=self.settings.weight_resnet, w_effnet=self.settings.weight_effnet,

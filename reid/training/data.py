@@ -14,7 +14,7 @@ import csv
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,26 +212,48 @@ def data_from_path(path: Path, camera_field: str = "auto") -> DataConfig:
 
 
 def load_uint8(path: str, preprocess: Preprocess) -> torch.Tensor:
-    """Decode and resize exactly as the stream does (whole crop to the input size)."""
+    """Decode and draw exactly as the stream does (`Preprocess.to_uint8`: squash or pad,
+    every view of a sheet)."""
     with Image.open(path) as img:
         return preprocess.to_uint8(img)
 
 
 def train_transform(
     preprocess: Preprocess, flip: float, padding: int, jitter: float, erasing: float
-) -> T.Compose:
-    """uint8 [3, H, W] (already resized) -> normalised float, with the augmentations."""
-    height, width = preprocess.input_size
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [3, H, W] (already drawn by ``preprocess``) -> normalised float, augmented.
+
+    Each view of a sheet (members with their own inputs) is augmented on its own, so a flip
+    or a shifted crop never moves pixels from one member's view into the other's."""
+    views = list(preprocess.views) or [preprocess]
+    boxes = preprocess.view_boxes()
+    geometry = [_view_steps(v.input_size, flip, padding, jitter) for v in views]
+    erase = T.RandomErasing(erasing, value=0) if erasing > 0 else None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if len(views) == 1:
+            x = geometry[0](x)
+        else:
+            x = x.clone()
+            for steps, (height, left, width) in zip(geometry, boxes, strict=True):
+                x[:, :height, left : left + width] = steps(x[:, :height, left : left + width])
+        x = preprocess.normalise(x[None])[0]
+        if erase is not None:
+            for height, left, width in boxes:
+                x[:, :height, left : left + width] = erase(x[:, :height, left : left + width])
+        return x
+
+    return apply
+
+
+def _view_steps(size: tuple[int, int], flip: float, padding: int, jitter: float) -> T.Compose:
     steps: list[torch.nn.Module] = []
     if flip > 0:
         steps.append(T.RandomHorizontalFlip(flip))
     if padding > 0:
-        steps.append(T.RandomCrop((height, width), padding=padding, padding_mode="reflect"))
+        steps.append(T.RandomCrop(size, padding=padding, padding_mode="reflect"))
     if jitter > 0:
         steps.append(T.ColorJitter(jitter, jitter, jitter, 0.0))
-    steps.append(T.Lambda(lambda x: preprocess.normalise(x[None])[0]))
-    if erasing > 0:
-        steps.append(T.RandomErasing(erasing, value=0))
     return T.Compose(steps)
 
 

@@ -13,62 +13,38 @@ as in Luo et al.'s "bag of tricks"); in eval mode it returns L2-normalised embed
   is both `feat` and the inference embedding; the BNNeck BatchNorm sits on top of it for the
   classifier losses in training only and is not saved into the stream checkpoint.
 - `stream_ensemble`: both members, each with its own neck and losses, trained jointly on the
-  same batches (the sum of both members' losses).
+  same batches (the sum of both members' losses); `ensemble` the same for any two members
+  (`model.members`, reid.members), each at the data's input size and fit with its own
+  normalisation (members that normalise differently see two views of one sheet).
+- Single backbones may be any member architecture too (e.g. `efficientnet_lite0`,
+  `timm:<model>`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
 
 from reid.backbones import EfficientNetB0Embedder, Ensemble, MultiScaleResNet50
-from reid.training.config import ModelConfig
-from reid.weights import WeightsError
+from reid.checkpoints import member_boxes, members_preprocess
+from reid.members import (
+    DEFAULT_MEMBERS,
+    MemberSpec,
+    SingleBackbone,
+    bnneck_layer,
+    build_member,
+    member_spec,
+    set_last_stride_one,
+)
+from reid.preprocess import Preprocess
+from reid.training.config import DataConfig, ModelConfig
+from reid.trunk_weights import load_trunk_weights
 
-_TRUNKS = {
-    "resnet18": (tvm.resnet18, 512, "fc"),
-    "resnet34": (tvm.resnet34, 512, "fc"),
-    "resnet50": (tvm.resnet50, 2048, "fc"),
-    "mobilenet_v2": (tvm.mobilenet_v2, 1280, "classifier"),
-    "efficientnet_b0": (tvm.efficientnet_b0, 1280, "classifier"),
-}
-
-
-def _neck(dim: int) -> nn.BatchNorm1d:
-    bn = nn.BatchNorm1d(dim)
-    # The BNNeck's shift is frozen at zero (Luo et al.): the classifier sees a centred feature.
-    bn.bias.requires_grad_(False)
-    return bn
-
-
-class SingleBackbone(nn.Module):
-    """A torchvision trunk with its head removed, a projection and a BNNeck."""
-
-    def __init__(self, arch: str, dim: int, bnneck: bool = True, last_stride: int = 2) -> None:
-        super().__init__()
-        factory, feat_dim, head = _TRUNKS[arch]
-        self.arch = arch
-        self.trunk = factory(weights=None)
-        setattr(self.trunk, head, nn.Identity())
-        if last_stride == 1:
-            set_last_stride_one(self.trunk, arch)
-        self.reduce = nn.Identity() if dim == feat_dim else nn.Linear(feat_dim, dim)
-        self.neck = _neck(dim)
-        self.bnneck = bnneck
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> Any:
-        feat = self.reduce(self.trunk(x))
-        bn = self.neck(feat)
-        if self.training:
-            return {"embedding": {"feat": feat, "bn": bn}}
-        return {"embedding": F.normalize(bn if self.bnneck else feat, dim=1)}
+__all__ = ["EnsembleModel", "MemberModel", "SingleBackbone", "build_model", "load_trunk_weights"]
 
 
 class MemberNet(nn.Module):
@@ -77,7 +53,7 @@ class MemberNet(nn.Module):
     def __init__(self, member: nn.Module) -> None:
         super().__init__()
         self.member = member
-        self.neck = _neck(member.dim)
+        self.neck = bnneck_layer(member.dim)
         self.dim = member.dim
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -100,39 +76,60 @@ class MemberModel(nn.Module):
 
 
 class EnsembleModel(nn.Module):
-    """The stream's two members; `to_stream()` gives the `reid.backbones.Ensemble` to save."""
+    """Two stream members; `to_stream()` gives the `reid.backbones.Ensemble` to save."""
 
-    def __init__(self, resnet: MultiScaleResNet50, effnet: EfficientNetB0Embedder) -> None:
+    def __init__(
+        self,
+        resnet: nn.Module,
+        effnet: nn.Module,
+        members: Sequence[MemberSpec] = DEFAULT_MEMBERS,
+    ) -> None:
         super().__init__()
         self.resnet = MemberNet(resnet)
         self.effnet = MemberNet(effnet)
+        self.members = tuple(members)
+        self.boxes = member_boxes(self.members, members_preprocess(self.members))
+
+    def _view(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if self.boxes is None:
+            return x
+        height, left, width = self.boxes[k]
+        return x[:, :, :height, left : left + width]
 
     def forward(self, x: torch.Tensor) -> Any:
-        return {"resnet": self.resnet(x), "effnet": self.effnet(x)}
+        return {"resnet": self.resnet(self._view(x, 0)), "effnet": self.effnet(self._view(x, 1))}
 
     def to_stream(self) -> Ensemble:
-        return Ensemble(self.resnet.member, self.effnet.member)
+        return Ensemble(self.resnet.member, self.effnet.member, boxes=self.boxes)
 
 
-def set_last_stride_one(trunk: nn.Module, arch: str) -> None:
-    """Remove the last down-sampling (doubles the final feature map; same state dict)."""
-    if arch.startswith("resnet") or arch == "msr50":
-        block = trunk.layer4[0]
-        for conv in (block.conv1, getattr(block, "conv2", None)):
-            if conv is not None and conv.stride == (2, 2):
-                conv.stride = (1, 1)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
-    elif arch == "mobilenet_v2":
-        # features[14] is the last inverted-residual block with stride 2 (160 channels).
-        trunk.features[14].conv[1][0].stride = (1, 1)
+def member_specs(cfg: ModelConfig, data: DataConfig | None = None) -> list[MemberSpec]:
+    """The member(s) of ``cfg`` at the data's input (size, fit; each keeps its own
+    normalisation): two for the ensembles, one for a single backbone."""
+    if cfg.arch == "stream_ensemble":
+        specs = list(DEFAULT_MEMBERS)
+    elif cfg.arch == "ensemble":
+        specs = [member_spec(name) for name in cfg.members]
     else:
-        raise ValueError(f"model.last_stride = 1 is not supported for {arch}")
+        specs = [member_spec(cfg.arch)]
+    if data is not None:
+        size = (data.input_size, data.input_width or data.input_size)
+        specs = [s.with_input(size, data.fit) for s in specs]
+    if cfg.last_stride == 1:
+        specs = [replace(s, last_stride=1) for s in specs]
+    return specs
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model of ``cfg``, with the local pretrained weights it names loaded."""
+def input_preprocess(cfg: ModelConfig, data: DataConfig) -> Preprocess:
+    """How training and evaluation draw an image for ``cfg``: the sheet of its members' views."""
+    return members_preprocess(member_specs(cfg, data))
+
+
+def build_model(cfg: ModelConfig, data: DataConfig | None = None) -> nn.Module:
+    """The model of ``cfg`` (at ``data``'s input), with the local pretrained weights it
+    names loaded."""
     torch.manual_seed(cfg.seed)
+    specs = member_specs(cfg, data)
     if cfg.arch == "stream_ensemble":
         if cfg.last_stride != 2:
             raise ValueError("stream_ensemble keeps last_stride = 2: the stream builds it so")
@@ -141,7 +138,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             load_trunk_weights(resnet.trunk, cfg.pretrained_resnet, "resnet50")
         if cfg.pretrained_effnet:
             load_trunk_weights(effnet.trunk, cfg.pretrained_effnet, "efficientnet_b0")
-        return EnsembleModel(resnet, effnet)
+        return EnsembleModel(resnet, effnet, specs)
+    if cfg.arch == "ensemble":
+        modules = []
+        files = cfg.member_weights or ["", ""]
+        for spec, file in zip(specs, files, strict=True):
+            module = build_member(spec)
+            if file:
+                load_trunk_weights(module.trunk, file, spec.arch)
+            modules.append(module)
+        return EnsembleModel(modules[0], modules[1], specs)
     if cfg.arch == "msr50":
         member = MultiScaleResNet50()
         if cfg.last_stride == 1:
@@ -149,78 +155,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         if cfg.pretrained:
             load_trunk_weights(member.trunk, cfg.pretrained, "resnet50")
         return MemberModel(member)
-    model = SingleBackbone(cfg.arch, cfg.dim, cfg.bnneck, cfg.last_stride)
+    size = specs[0].input_size
+    model = SingleBackbone(cfg.arch, cfg.dim, cfg.bnneck, cfg.last_stride, size)
     if cfg.pretrained:
-        load_trunk_weights(model.trunk, cfg.pretrained, cfg.arch)
+        load_trunk_weights(model.trunk, cfg.pretrained, specs[0].arch)
     return model
-
-
-def load_trunk_weights(trunk: nn.Module, path: str | Path, arch: str) -> int:
-    """Load a local torchvision state dict (whole model or feature layers only) into ``trunk``.
-
-    Keys are matched by name (an optional `module.`/`state_dict` wrapper and the classifier
-    head are ignored); a file whose names differ (e.g. another implementation's feature
-    layers) is matched in order when every tensor's shape agrees. Anything else raises
-    WeightsError naming what does not fit. Returns the number of tensors loaded.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"pretrained weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"pretrained weights file {path} cannot be read: {exc}") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise WeightsError(f"{path} is not a state dict of tensors")
-    state = {str(k).removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    expected = trunk.state_dict()
-    if set(state) <= set(expected):
-        mapped = state
-    elif {f"features.{k}" for k in state} <= set(expected):
-        mapped = {f"features.{k}": v for k, v in state.items()}
-    else:
-        mapped = _match_in_order(state, expected, path, arch)
-    bad = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in mapped.items()
-        if v.shape != expected[k].shape
-    ]
-    if bad:
-        raise WeightsError(f"{path} does not fit {arch}: {len(bad)} shape mismatches: {bad[:5]}")
-    # Feature-layer files may leave non-feature layers out; a file that leaves out part of
-    # the feature stack is a different architecture.
-    missing = [k for k in expected if k not in mapped and k.startswith("features.")]
-    if arch.startswith("resnet"):
-        missing = [k for k in expected if k not in mapped]
-    if missing:
-        raise WeightsError(
-            f"{path} does not fit {arch}: {len(missing)} trunk tensors missing, "
-            f"first: {missing[:5]}"
-        )
-    trunk.load_state_dict(mapped, strict=False)
-    return len(mapped)
-
-
-def _match_in_order(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path, arch: str
-) -> dict[str, torch.Tensor]:
-    src, dst = list(state.items()), list(expected.items())
-    if len(src) != len(dst):
-        raise WeightsError(
-            f"{path} does not fit {arch}: its {len(src)} tensors have other names than the "
-            f"{len(dst)} of the architecture (first file key {src[0][0]!r}, expected "
-            f"{dst[0][0]!r}) and cannot be matched in order"
-        )
-    for i, ((sk, sv), (dk, dv)) in enumerate(zip(src, dst, strict=True)):
-        if tuple(sv.shape) != tuple(dv.shape):
-            raise WeightsError(
-                f"{path} does not fit {arch}: tensor {i} {sk!r} {tuple(sv.shape)} cannot be "
-                f"{dk!r} {tuple(dv.shape)}"
-            )
-    return {dk: sv for (_, sv), (dk, _) in zip(src, dst, strict=True)}

@@ -39,11 +39,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reid.evaluation.evaluate import EvalModel, run_eval
-from reid.preprocess import Preprocess
 from reid.training.config import Config, ConfigError, load_config, parse_overrides
 from reid.training.data import ImageDataset, PKSampler, Split, load_split, train_transform
 from reid.training.losses import ReIDLoss
-from reid.training.models import EnsembleModel, build_model
+from reid.training.models import EnsembleModel, build_model, input_preprocess
 from reid.weights import save_checkpoint, save_single_checkpoint
 
 log = logging.getLogger(__name__)
@@ -105,8 +104,7 @@ class Trainer:
         self.split = split if split is not None else load_split(cfg.data)
         if not self.split.train:
             raise ConfigError("no training images: check data.root and data.test_identities")
-        size = cfg.data.input_size
-        self.preprocess = Preprocess(input_size=(size, size))
+        self.preprocess = input_preprocess(cfg.model, cfg.data)
         a = cfg.augment
         self.dataset = ImageDataset(
             self.split.train,
@@ -120,7 +118,7 @@ class Trainer:
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=cfg.data.workers
         )
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model, cfg.data).to(self.device)
         classes = len(self.dataset.labels)
         self.losses = nn.ModuleDict(
             {name: ReIDLoss(cfg.loss, dim, classes) for name, dim in members(self.model).items()}
@@ -258,14 +256,17 @@ class Trainer:
             "classes": len(self.dataset.labels),
             "train_images": len(self.dataset),
         }
+        # The version names the members, so two architectures never share one.
         if isinstance(self.model, EnsembleModel):
             stream = self.model.to_stream()
-            version = f"trained-{cfg.name}-{weights_digest(stream)}"
+            names = "+".join(m.name for m in self.model.members)
+            version = f"trained-{cfg.name}-{names}-{weights_digest(stream)}"
             save_checkpoint(
-                path, stream, embedding_version=version, preprocess=self.preprocess, meta=meta
-            )
+                path, stream, embedding_version=version, preprocess=self.preprocess, meta=meta,
+                members=self.model.members,
+            )  # fmt: skip
         else:
-            version = f"trained-{cfg.name}-{weights_digest(self.model)}"
+            version = f"trained-{cfg.name}-{cfg.model.arch}-{weights_digest(self.model)}"
             save_single_checkpoint(
                 path,
                 self.model,

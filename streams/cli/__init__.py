@@ -10,7 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from streams.cli import deer, service, tools, versions
+from streams.cli import deer, service, tools, versions, weights
 from streams.cli.common import LOG_FORMAT, configure_logging
 from streams.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, one_line, redacted
 from streams.settings import unknown_variables
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_commands(sub)  # stack, produce, bench, demo
     versions.add_commands(sub)  # replay, validate, activate, versions, drop-version
     deer.add_commands(sub)  # deer show|history|merge|split|move|confirm|publish, review
+    weights.add_commands(sub)  # weights list, pull, verify, checkpoint
     return parser
 
 
