@@ -331,9 +331,9 @@ class GalleryLoader:
         held = _Held(matrix, watermark, self._clock() + self.refresh_s, reflected)
         self._held[version] = held
         log.info(
-            "gallery: loaded version=%s read=%d from=%s deer=%d ms=%.1f",
+            "gallery: loaded version=%s read=%d from=%s deer=%d generation=%d ms=%.1f",
             version, len(centroids), "redis" if from_redis else "postgres", len(matrix),
-            (time.perf_counter() - t0) * 1000,
+            reflected, (time.perf_counter() - t0) * 1000,
         )  # fmt: skip
         if from_redis:
             # What Redis may have lost since its last full load: see the module docstring.

@@ -3,6 +3,7 @@ centroids rebuilt for every version, sightings recomputed, aliases, repeats and 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -270,3 +271,22 @@ def test_a_change_waits_for_a_write_in_flight(store, database_url):
         thread.join(10)
     assert done.is_set()
     herd_invariants(database_url)
+
+
+def test_a_redelivery_after_a_merge_names_the_survivor(store, database_url):
+    from streams.events import assignment_event
+
+    herd = seed_herd(store)
+    keep, other = deer_by_size(herd)[:2]
+    moved = next(d for d, deer in herd.deer_of.items() if deer == other)
+    before = store.existing_assignments([moved])[moved]
+    store.curation.merge(keep, other)
+    after = store.existing_assignments([moved])[moved]
+    # What the processor republishes for a redelivery: the deer it belongs to now, the rest
+    # as decided (docs/curation.md, "A redelivered detection after a merge").
+    assert after.deer_id == keep and before.deer_id == other
+    first, again = json.loads(assignment_event(before)), json.loads(assignment_event(after))
+    assert again["deer_id"] == str(keep)
+    assert {k: v for k, v in again.items() if k != "deer_id"} == {
+        k: v for k, v in first.items() if k != "deer_id"
+    }

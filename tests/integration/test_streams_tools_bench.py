@@ -18,7 +18,7 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     names = ("model", "stream", "naive", "latency", "memory", "precision", "matching",
-             "vector_search", "replay")  # fmt: skip
+             "vector_search", "replay", "thumbnails")  # fmt: skip
     for name in names:
         assert sections.get(name), f"section {name} missing: {report['notes']}"
         assert f"## {name}" in proc.stdout
@@ -48,3 +48,12 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     replay = sections["replay"][0]
     assert replay["stored"] == replay["events"] == report["plan"]["replay_events"]
     assert replay["detections_per_s"] > 0
+    thumbs = sections["thumbnails"]
+    assert [(r["path"].split()[0], r["thumbnails"]) for r in thumbs] == [
+        ("decode+crop", "off"),
+        ("decode+crop", "on"),
+        ("write_batch", "off"),
+        ("write_batch", "on"),
+    ]
+    assert all(r["ms_median"] > 0 and r["n"] > 0 for r in thumbs)
+    assert 0 < thumbs[1]["thumbnail_bytes_mean"] <= thumbs[1]["thumbnail_bytes_max"] <= 16_384

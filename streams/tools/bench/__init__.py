@@ -18,6 +18,8 @@ Sections (each a list of rows in the JSON, a table on stdout):
 6. ``memory``: peak resident memory of the process (the consumer runs in it) and peak GPU
    memory where there is a GPU.
 7. ``replay``: re-embedding rate of stored detections under a new version.
+8. ``thumbnails``: the crop thumbnails' cost in the decode threads and on the write path
+   (``write_batch`` with and without them, alternating).
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ def run_bench(
             bench_sections.matching_section(
                 report, plan, settings.database_url.get_secret_value(), backend
             )
+        if section("thumbnails"):
+            from streams.tools.bench.thumbnails import thumbnails_section
+
+            thumbnails_section(report, plan, settings.database_url.get_secret_value(), photos)
         bar.update(len(running))
         bar.close()
     return report

@@ -15,7 +15,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-SECTIONS = ("model", "stream", "naive", "latency", "precision", "matching", "replay")
+SECTIONS = (
+    "model", "stream", "naive", "latency", "precision", "matching", "replay", "thumbnails",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
