@@ -67,7 +67,14 @@ class Settings(BaseSettings):
 
     # Batching
     batch_max_size: int = Field(32, ge=1, le=1024, description="Events per model batch")
-    batch_max_wait_ms: int = Field(200, ge=1, description="Flush a partial batch after this long")
+    batch_max_wait_ms: int = Field(
+        200, ge=1, description="A partial batch waits at most this long for more events"
+    )
+    batch_min_wait_ms: int = Field(
+        0, ge=0,
+        description="With the model idle, flush once nothing more is buffered and the first "
+        "event waited this long (= max wait: a fixed window)",
+    )  # fmt: skip
     pipeline_depth: int = Field(
         3, ge=1, le=16,
         description="Batches in flight at once (decode, embed, write overlap); 1 = one at a time",
@@ -214,6 +221,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
             return "on" if value.lower() in ("true", "1", "yes") else "off"
         return value
+
+    @model_validator(mode="after")
+    def _min_wait_within_max(self) -> Settings:
+        if self.batch_min_wait_ms > self.batch_max_wait_ms:
+            raise ValueError("batch_min_wait_ms must not exceed batch_max_wait_ms")
+        return self
 
     @model_validator(mode="after")
     def _weights_sum_to_one(self) -> Settings:

@@ -15,12 +15,17 @@ from streams.processor import BatchProcessor
 from streams.runners.lag import LagSampler
 from streams.runners.pipeline import Completed, Pipeline, rewind_offsets
 from streams.runners.retry import RETRYABLE, retry_delay
+from streams.runners.window import WindowPolicy
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # A revocation waits this long at most for the batches in flight before giving them up.
 REVOKE_DRAIN_S = 30.0
+# An empty window returns to the loop's housekeeping (commits, lag, version switch) after
+# this long, or this long while batches are in flight (so each is committed as it completes).
+_IDLE_POLL_S = 0.2
+_SETTLE_POLL_S = 0.02
 
 
 class StreamConsumer:
@@ -57,6 +62,7 @@ class StreamConsumer:
         self._on_batch: Callable[[BatchOutcome], None] | None = None
         self._between_batches: Callable[[], None] | None = None
         self.lag = LagSampler(metrics, settings.lag_interval_s)
+        self.window = WindowPolicy.from_settings(settings)
         depth = pipeline_depth if pipeline_depth is not None else settings.pipeline_depth
         self.pipeline = Pipeline(processor, self._finish_with_retry, depth=depth)
 
@@ -71,9 +77,9 @@ class StreamConsumer:
         self.pipeline.start()
         log.info(
             "consumer: subscribed topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d "
-            "pipeline_depth=%d",
+            "batch_min_wait_ms=%d pipeline_depth=%d",
             self.settings.topic_detections, self.group_id, self.settings.batch_max_size,
-            self.settings.batch_max_wait_ms, self.pipeline.depth,
+            self.settings.batch_max_wait_ms, self.settings.batch_min_wait_ms, self.pipeline.depth,
         )  # fmt: skip
 
     def request_stop(self) -> None:
@@ -130,19 +136,41 @@ class StreamConsumer:
         self._drain()
 
     def _window(self) -> list[SourceMessage]:
-        """Up to batch_max_size messages, or fewer once batch_max_wait_ms has passed."""
+        """The next batch, closed by the adaptive window (``streams.runners.window``): up to
+        batch_max_size messages; fewer as soon as the model is idle and nothing more is
+        buffered; none when nothing came for a short while (the loop then does its
+        housekeeping). Batches that complete meanwhile are committed at once."""
         assert self._consumer is not None
-        raw = self._consumer.consume(
-            num_messages=self.settings.batch_max_size,
-            timeout=self.settings.batch_max_wait_ms / 1000,
-        )
-        messages = []
-        for msg in raw:
-            if msg.error() is not None:
-                self._on_error(msg)
-                continue
-            messages.append(_source(msg))
-        return messages
+        policy = self.window
+        messages: list[SourceMessage] = []
+        opened = time.monotonic()
+        first: float | None = None
+        more = False
+        while True:
+            self._settle()
+            since = first if first is not None else opened
+            wait = policy.next_wait(
+                count=len(messages), waited_s=time.monotonic() - since, more_buffered=more,
+                model_idle=self.pipeline.model_idle,
+            )  # fmt: skip
+            if wait is None:
+                return messages
+            if not messages:
+                # Ask for one, so the call returns as soon as the first event arrives; look up
+                # often enough to commit the batches in flight when they complete.
+                wait = min(wait, _SETTLE_POLL_S if self.pipeline.in_flight else _IDLE_POLL_S)
+            want = policy.max_size - len(messages) if messages else 1
+            raw = self._consumer.consume(num_messages=want, timeout=wait)
+            if not messages and not raw:
+                return messages
+            more = len(raw) >= want  # it filled what we asked: the buffer may hold more
+            for msg in raw:
+                if msg.error() is not None:
+                    self._on_error(msg)
+                    continue
+                messages.append(_source(msg))
+            if messages and first is None:
+                first = time.monotonic()
 
     # -- completed batches ----------------------------------------------------------------
     def _settle(self) -> None:

@@ -2,13 +2,14 @@
 
 ``reid-stream run --runner faust`` (the default runner is confluent-kafka,
 streams/runners/confluent.py).
-One agent reads the detections topic with ``stream.noack_take(batch_max_size,
-within=batch_max_wait_ms)``: Faust batches, our :class:`BatchProcessor` does everything else, in
+One agent reads the detections topic in batches closed by the adaptive window
+(``streams.runners.faust_take.adaptive_take``, Faust's ``noack_take`` mechanism with the
+policy of ``streams.runners.window``); our :class:`BatchProcessor` does everything else, in
 a worker thread so that the event loop keeps serving the group (heartbeats, rebalances).
 
 What this runner guarantees, and how:
 
-- **Commit after the write.** ``noack_take`` yields the batch's events without acking them;
+- **Commit after the write.** ``adaptive_take`` yields the batch's events without acking them;
   they are acked only after :meth:`BatchProcessor.process` returned (rows committed, events
   acknowledged by the broker), then the acked offsets are committed at once. (``take()`` and
   ``take_events()`` ack in a ``finally`` when the generator is closed, i.e. also for a batch
@@ -60,7 +61,9 @@ from typing import TYPE_CHECKING, Any
 from sinks.metrics import StreamMetrics
 from streams.batch import BatchOutcome, SourceMessage
 from streams.processor import BatchProcessor
+from streams.runners.faust_take import adaptive_take
 from streams.runners.retry import RETRYABLE, retry_delay
+from streams.runners.window import WindowPolicy
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -106,9 +109,10 @@ class FaustRunner:
 
     def start(self) -> None:
         log.info(
-            "faust: runner ready topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d",
+            "faust: runner ready topic=%s group=%s batch_max_size=%d batch_max_wait_ms=%d "
+            "batch_min_wait_ms=%d",
             self.settings.topic_detections, self.group_id, self.settings.batch_max_size,
-            self.settings.batch_max_wait_ms,
+            self.settings.batch_max_wait_ms, self.settings.batch_min_wait_ms,
         )  # fmt: skip
 
     def request_stop(self) -> None:
@@ -168,10 +172,10 @@ class FaustRunner:
             self.settings.topic_detections,
             key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
         )  # fmt: skip
-        size, within = self.settings.batch_max_size, self.settings.batch_max_wait_ms / 1000
+        policy = WindowPolicy.from_settings(self.settings)
 
         async def batches(stream: faust.StreamT) -> None:
-            async for events in stream.noack_take(size, within=within):
+            async for events in adaptive_take(stream, policy):
                 await self._handle(app, stream, events)
 
         app.agent(topic, name="reid-batches", concurrency=1)(batches)

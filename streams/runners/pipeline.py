@@ -15,6 +15,9 @@ is committed past an unwritten one. The runner waits until the pipeline is empty
 the partitions it still owns (``rewind_offsets``) and calls ``resume()``.
 
 The stages know nothing of Kafka: the runner owns the client and calls it from one thread.
+
+``model_idle`` tells the runner's adaptive window (``streams.runners.window``) whether any
+batch is still waiting for the model or in it: while one is, the window keeps gathering.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class _Job:
     outcome: BatchOutcome | None = None
     abandoned: bool = False
     error: BaseException | None = None
+    embedded: bool = False  # left the embed stage (embedded, skipped or failed)
 
 
 _STOP = None
@@ -72,6 +76,7 @@ class Pipeline:
         self._done: deque[Completed] = deque()
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._before_model = 0  # batches submitted that have not left the embed stage
         self.submitted = 0  # batches handed in so far
         self.completed = 0  # batches that left (written, abandoned or failed), in order
         self._halted = threading.Event()
@@ -109,6 +114,12 @@ class Pipeline:
     def halted(self) -> bool:
         return self._halted.is_set()
 
+    @property
+    def model_idle(self) -> bool:
+        """No batch is waiting for the model (being prepared, queued) or being embedded."""
+        with self._cond:
+            return self._before_model == 0
+
     def has_room(self) -> bool:
         with self._cond:
             return self._in_flight < self.depth and not self._halted.is_set()
@@ -116,6 +127,7 @@ class Pipeline:
     def submit(self, messages: Sequence[SourceMessage]) -> None:
         with self._cond:
             self._in_flight += 1
+            self._before_model += 1
             self.submitted += 1
         self._queues[0].put(_Job(messages))
 
@@ -159,6 +171,8 @@ class Pipeline:
                     log.exception("pipeline: batch failed in %s", threading.current_thread().name)
                     job.error = err
                     self._halted.set()
+            if work == self._embed:  # every job passes here, skipped or not
+                self._left_model(job)
             if outbox is not None:
                 outbox.put(job)
             else:
@@ -189,6 +203,12 @@ class Pipeline:
         else:
             job.batch = None  # drop the vectors
             job.outcome = outcome
+
+    def _left_model(self, job: _Job) -> None:
+        with self._cond:
+            if not job.embedded:
+                job.embedded = True
+                self._before_model -= 1
 
     def _complete(self, job: _Job) -> None:
         outcome = None if job.abandoned or job.error else job.outcome

@@ -140,3 +140,35 @@ def test_a_stage_failure_reaches_the_runner_and_halts() -> None:
 def test_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="depth"):
         Pipeline(FakeProcessor(), lambda b: None, depth=0)  # type: ignore[arg-type]
+
+
+def test_model_is_idle_once_every_batch_left_the_embed_stage() -> None:
+    processor = FakeProcessor()
+    gates = {name: threading.Event() for name in ("embed", "finish")}
+
+    def gated(stage, work):
+        def run(batch):
+            gates[stage].wait(10)
+            return work(batch)
+
+        return run
+
+    processor.embed = gated("embed", processor.embed)  # type: ignore[method-assign]
+    pipeline = Pipeline(processor, gated("finish", processor.finish), depth=2)  # type: ignore[arg-type]
+    pipeline.start()
+    try:
+        assert pipeline.model_idle
+        pipeline.submit(msgs(0, 1))
+        assert not pipeline.model_idle  # prepared or waiting for the model
+        gates["embed"].set()
+        deadline = time.monotonic() + 10
+        while not pipeline.model_idle and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # In the finish stage (held there): the model has nothing to do.
+        assert pipeline.model_idle and pipeline.in_flight == 1
+        gates["finish"].set()
+        assert collect(pipeline, 1)[0].outcome is not None
+    finally:
+        gates["embed"].set()
+        gates["finish"].set()
+        pipeline.stop()
