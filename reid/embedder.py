@@ -2,7 +2,9 @@
 
 Two backends run the forward pass: "torch" (eager, or `torch.compile`d) on the CPU or CUDA,
 and "onnx" (onnxruntime, CPU only, see `reid.onnx_backend`). Everything around the forward
-pass (normalisation, L2, outputs) is the same code for both.
+pass (normalisation, L2, outputs) is the same code for both. "auto" picks onnx on a CPU and
+torch on CUDA (`reid.onnx_backend.auto_backend`); where the model cannot be exported it runs
+torch and says so.
 
 On CUDA the embedder keeps the batch shapes few: a batch is padded up to the next size of a
 small ladder (1, 8, 16, 32, ... up to `max_batch`) and the padding rows are dropped from the
@@ -31,7 +33,7 @@ from reid.weights import LoadedEnsemble, load_ensemble
 log = logging.getLogger(__name__)
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 # "on" picks per device: max-autotune (Triton autotuning + CUDA graphs) on CUDA, default on CPU.
 COMPILE_MODES = ("off", "on", "default", "reduce-overhead", "max-autotune",
                  "max-autotune-no-cudagraphs")  # fmt: skip
@@ -107,6 +109,11 @@ class Embedder:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if torch_compile not in COMPILE_MODES:
             raise ValueError(f"torch_compile must be one of {COMPILE_MODES}, got {torch_compile!r}")
+        self._auto = backend == "auto"
+        if self._auto:
+            from reid.onnx_backend import auto_backend
+
+            backend = auto_backend(_resolve_device(device), torch_compile)
         if backend == "onnx":
             # onnxruntime runs here on the CPU execution provider only.
             if device != "auto" and torch.device(device).type != "cpu":
@@ -210,9 +217,8 @@ class Embedder:
         # (shared/ENVIRONMENT.md and a batch-8 check of this ensemble).
         model = model.to(memory_format=torch.channels_last)
         loaded.model = model
-        if self._backend == "onnx":
-            forward = self._onnx_forward(loaded)
-        elif self._compile != "off":
+        forward = self._onnx_forward(loaded) if self._backend == "onnx" else None
+        if forward is None and self._compile != "off":
             # Static shapes: with the padding ladder there are only a few, each compiled once
             # during the warm-up below. Dynamo falls back to eager after `recompile_limit`
             # shapes (8 by default); a long ladder must fit under it.
@@ -220,7 +226,7 @@ class Embedder:
             if torch._dynamo.config.recompile_limit < limit:
                 torch._dynamo.config.recompile_limit = limit
             forward = torch.compile(model, mode=self._compile, dynamic=False)
-        else:
+        elif forward is None:
             forward = model
         self._forward = forward
         self._loaded = loaded
@@ -313,16 +319,24 @@ class Embedder:
         with self._autocast():
             return self._forward(x)
 
-    def _onnx_forward(self, loaded: LoadedEnsemble) -> Forward:
+    def _onnx_forward(self, loaded: LoadedEnsemble) -> Forward | None:
+        """The ONNX session's forward; None when "auto" falls back to torch (no export)."""
         from reid.onnx_backend import OnnxExportError, load_or_export
 
         input_size = loaded.preprocess.input_size
-        session, reused = load_or_export(
-            loaded.model,
-            cache_dir=self._onnx_cache_dir,
-            embedding_version=loaded.embedding_version,
-            input_size=input_size,
-        )
+        try:
+            session, reused = load_or_export(
+                loaded.model,
+                cache_dir=self._onnx_cache_dir,
+                embedding_version=loaded.embedding_version,
+                input_size=input_size,
+            )
+        except OnnxExportError as exc:
+            if not self._auto:
+                raise
+            log.warning("backend auto: %s; running PyTorch on the CPU instead", exc)
+            self._backend = "torch"
+            return None
         self._onnx_path = session.path
 
         def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ written to a temporary name and renamed, so a reader never sees half a file.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -127,6 +128,17 @@ def cpu_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def auto_backend(device: torch.device, torch_compile: str = "off") -> str:
+    """What ``backend="auto"`` runs: onnxruntime on a CPU (1.3-2.7x eager PyTorch there, see
+    docs/BENCHMARKS.md), PyTorch on CUDA, when compiling, or without onnxruntime."""
+    if device.type != "cpu" or torch_compile != "off":
+        return "torch"
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.warning("backend auto: onnxruntime is not installed; running PyTorch on the CPU")
+        return "torch"
+    return "onnx"
 
 
 def require_onnxruntime() -> Any:

@@ -111,8 +111,10 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU"
     )
-    backend: Literal["torch", "onnx"] = Field(
-        "torch", description="What runs the model: torch, or onnx (onnxruntime, CPU only)"
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="What runs the model: auto (onnx on a CPU, torch on CUDA), torch, or onnx "
+        "(onnxruntime, CPU only)",
     )
     onnx_cache_dir: Path | None = Field(
         None, description="Folder of exported ONNX models (empty = ~/.cache/reid-stream/onnx)"

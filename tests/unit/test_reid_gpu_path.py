@@ -237,7 +237,9 @@ def test_settings_reach_the_embedder(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     for var in [v for v in os.environ if v.startswith("REID_")]:
         monkeypatch.delenv(var)
     default = build_embedder(load_settings())
-    assert (default.backend, default.torch_compile, default.max_batch) == ("torch", "off", 32)
+    # REID_BACKEND=auto: onnxruntime on a CPU, PyTorch on CUDA.
+    auto = "torch" if default.device.startswith("cuda") else "onnx"
+    assert (default.backend, default.torch_compile, default.max_batch) == (auto, "off", 32)
     assert default.pad_batches == (default.device != "cpu")  # auto: on CUDA only
     monkeypatch.setenv("REID_BACKEND", "onnx")
     monkeypatch.setenv("REID_ONNX_CACHE_DIR", str(tmp_path))

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 from reid.embedder import Embedder
 from reid.onnx_backend import (
     OnnxExportError,
+    auto_backend,
     cache_path,
     default_cache_dir,
     export_onnx,
@@ -202,3 +203,37 @@ def test_missing_onnxruntime_is_named_at_construction(monkeypatch: pytest.Monkey
     with pytest.raises(ValueError, match=r"pip install 'deer-reid-stream\[onnx\]'"):
         Embedder(backend="onnx")
     assert Embedder(backend="torch").backend == "torch"  # the default backend does not need it
+
+
+def test_auto_backend_is_onnx_on_a_cpu_and_torch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert auto_backend(torch.device("cpu")) == "onnx"
+    assert auto_backend(torch.device("cuda")) == "torch"
+    assert auto_backend(torch.device("cpu"), torch_compile="on") == "torch"
+    assert Embedder(backend="auto", device="cpu").backend == "onnx"
+    assert Embedder(backend="auto", device="cpu", torch_compile="on").backend == "torch"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    assert auto_backend(torch.device("cpu")) == "torch"  # not installed: PyTorch, with a warning
+
+
+def test_auto_backend_runs_pytorch_where_the_model_cannot_be_exported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import reid.onnx_backend
+
+    def cannot(*args, **kwargs):
+        raise OnnxExportError("cannot export the model to ONNX at input size 80x80")
+
+    monkeypatch.setattr(reid.onnx_backend, "load_or_export", cannot)
+    auto = Embedder(seed=0, device="cpu", hub_dir=tmp_path, input_size=SIZE, backend="auto")
+    auto.start()
+    assert auto.backend == "torch" and auto.onnx_path is None
+    assert len(auto.embed(torch.zeros((2, 3, SIZE, SIZE), dtype=torch.uint8))) == 2
+    auto.stop()
+    forced = Embedder(seed=0, device="cpu", hub_dir=tmp_path, input_size=SIZE, backend="onnx")
+    with pytest.raises(OnnxExportError, match="80x80"):
+        forced.start()  # asked for by name: the error stands
