@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # A timestamp no record has: a broker that looks offsets up by time answers -1 for it.
 _FUTURE_PROBE_MS = 4_102_444_800_000  # 2100-01-01
+# Without a terminal (a container's log) progress is a log line this often, the first at once.
+PROGRESS_LOG_S = 30.0
 CAP_REFRESH_S = 1.0
 
 
@@ -231,6 +233,7 @@ class Replayer:
         next_cap = 0.0
         # Since when consume() has come back empty (None: the last one returned messages).
         empty_since: float | None = time.monotonic()
+        next_log = 0.0  # when the next progress line is due (seconds since t0)
         log.info("replay: version=%s group=%s from %s", self.version, self.group,
                  _fmt_offsets(positions))  # fmt: skip
         while not self._stop.is_set():
@@ -263,6 +266,12 @@ class Replayer:
             stats.batches += 1
             stats.elapsed_s = time.monotonic() - t0
             self.metrics.replay_rate.set(stats.events_per_s)
+            if bar.disable and stats.elapsed_s >= next_log:  # no bar drawn: a log line instead
+                next_log = stats.elapsed_s + PROGRESS_LOG_S
+                log.info(
+                    "replay: progress events=%d remaining=%d rate=%.1f ev/s", stats.events,
+                    max(0, remaining - len(batch)), stats.events_per_s,
+                )  # fmt: skip
             if max_batches is not None and stats.batches >= max_batches:
                 break
         stats.elapsed_s = time.monotonic() - t0

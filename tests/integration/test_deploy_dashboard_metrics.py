@@ -53,6 +53,8 @@ def metric_names(expr: str) -> set[str]:
 
 def dashboard_exprs(node: Any) -> list[str]:
     found: list[str] = []
+    if isinstance(node, dict) and node.get("type") == "datasource":
+        return found  # the datasource variable: its query names a plugin, not PromQL
     if isinstance(node, dict):
         for key, value in node.items():
             if key in ("expr", "definition", "query") and isinstance(value, str):
@@ -78,6 +80,8 @@ def test_the_name_extractor_finds_metrics_and_nothing_else() -> None:
     )
     assert metric_names(expr) == {"reid_stage_duration_seconds_bucket", "reid_known_deer", "up"}
     assert metric_names("label_values(reid_model_info, instance)") == {"reid_model_info"}
+    variable = {"name": "datasource", "type": "datasource", "query": "prometheus"}
+    assert dashboard_exprs({"templating": {"list": [variable]}}) == []
 
 
 def exported(text: str) -> set[str]:
