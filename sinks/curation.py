@@ -168,8 +168,13 @@ class Curation:
         return ChangeResult(change, True, centroids, removed)
 
     # -- confirm ----------------------------------------------------------------------------
-    def confirm(self, detection_id: str, reason: str | None = None) -> ChangeResult:
-        """Mark a detection reviewed where it is (its assignment confirmed)."""
+    def confirm(
+        self, detection_id: str, reason: str | None = None, *, outcome: str = "confirmed"
+    ) -> ChangeResult:
+        """Mark a detection reviewed where it is: its assignment confirmed, or (``outcome``
+        ``new_deer``) confirmed as a deer of its own, which it already is."""
+        if outcome not in ("confirmed", "new_deer"):
+            raise ValueError(f"outcome must be confirmed or new_deer, not {outcome!r}")
         with self._store.session("curation_confirm") as conn, conn.transaction():
             _lock(conn)
             row = conn.execute(
@@ -183,9 +188,9 @@ class Curation:
                 return ChangeResult(_last_change_of(conn, deer_id, [detection_id]), False, {}, {})
             change = _insert_change(conn, "confirm", deer_id, None, (), [detection_id], reason)
             conn.execute(
-                "UPDATE detections SET reviewed_at = now(), review_outcome = 'confirmed' "
+                "UPDATE detections SET reviewed_at = now(), review_outcome = %s "
                 "WHERE detection_id = %s",
-                (detection_id,),
+                (outcome, detection_id),
             )
         log.info("curation: confirmed detection %s in deer %d change=%d",
                  detection_id, deer_id, change.id)  # fmt: skip

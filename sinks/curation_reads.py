@@ -19,13 +19,14 @@ from sinks.records import Change
 
 _DETECTION_COLUMNS = (
     "detection_id, deer_id, camera_id, captured_at, processed_at, is_new_deer, similarity, "
-    "needs_review, reviewed_at, review_outcome, thumbnail IS NOT NULL, candidates"
+    "needs_review, reviewed_at, review_outcome, thumbnail IS NOT NULL, candidates, "
+    "embedding_version"
 )
 
 
 def _detection(row: Any) -> dict[str, Any]:
     (detection_id, deer_id, camera, captured, processed, is_new, similarity, flagged,
-     reviewed, outcome, has_thumb, candidates) = row  # fmt: skip
+     reviewed, outcome, has_thumb, candidates, version) = row  # fmt: skip
     return {
         "detection_id": detection_id,
         "deer_id": int(deer_id),
@@ -39,6 +40,7 @@ def _detection(row: Any) -> dict[str, Any]:
         "review_outcome": outcome,
         "has_thumbnail": bool(has_thumb),
         "candidates": candidates_from_json(candidates),
+        "embedding_version": version,
     }
 
 

@@ -114,12 +114,16 @@ class Curator:
 
     def new_deer(self, detection_id: str, reason: str | None = None) -> ChangeResult:
         """The review page's "make it a new deer": split the detection off its deer, or,
-        when it is its deer's only detection (it already is a deer of its own), confirm it."""
+        when it is its deer's only detection (it already is a deer of its own), confirm it
+        as such."""
         found = curation_reads.detection(self.store, detection_id)
-        if found is None:
-            return self.confirm(detection_id, reason)  # refused there, with the message
-        if curation_reads.show(self.store, found["deer_id"], recent=0)["sightings"] <= 1:  # type: ignore[index]
-            return self.confirm(detection_id, reason)
+        alone = found is None or len(curation_reads.detections_of(
+            self.store, found["deer_id"], limit=2)) <= 1  # fmt: skip
+        if alone:  # (an unknown detection is refused there, with the message)
+            return self._after(
+                self.store.curation.confirm(detection_id, reason, outcome="new_deer")
+            )
+        assert found is not None
         return self.split(found["deer_id"], [detection_id], reason)
 
     def publish_pending(self) -> int:

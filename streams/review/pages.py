@@ -58,6 +58,8 @@ def queue(store: PgStore, settings: Settings, *, limit: int = QUEUE_PAGE_SIZE) -
     """The review queue: each flagged detection beside its candidate deer."""
     total, items = curation_reads.review_queue(store, limit=limit)
     examples = Examples(store, settings)
+    # The threshold each decision was made against: its version's own, else REID_THRESHOLD.
+    thresholds = {v.version: v.threshold for v in store.registry.versions()}
     shown = []
     for item in items:
         current = item["deer_id"]
@@ -78,7 +80,7 @@ def queue(store: PgStore, settings: Settings, *, limit: int = QUEUE_PAGE_SIZE) -
                 "detection": item,
                 "candidates": candidates,
                 "move_targets": [c["deer_id"] for c in candidates if not c["current"]],
-                "threshold": settings.threshold,
+                "threshold": _or(thresholds.get(item["embedding_version"]), settings.threshold),
             }
         )
     return {"total": total, "items": shown}
@@ -97,3 +99,7 @@ def deer(store: PgStore, deer_id: int) -> dict[str, Any] | None:
 def change_event_doc(change: Change) -> dict[str, Any]:
     """A change as its deer.changes event says it (what the page lists)."""
     return json.loads(change_event(change))
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

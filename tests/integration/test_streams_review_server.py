@@ -4,6 +4,7 @@ changes anything, headers, thumbnails, aliases redirect."""
 
 from __future__ import annotations
 
+import html
 import http.cookiejar
 import re
 import urllib.error
@@ -53,7 +54,8 @@ def csrf_of(page: bytes) -> str:
 
 
 def flash(page: bytes) -> list[str]:
-    return [m.decode() for m in re.findall(rb'class="flash [a-z]+" role="status">([^<]*)<', page)]
+    found = re.findall(rb'class="flash [a-z]+" role="status">([^<]*)<', page)
+    return [html.unescape(m.decode()) for m in found]  # the page escapes what it shows
 
 
 @pytest.fixture()
@@ -163,3 +165,26 @@ def test_a_token_guards_every_page(served) -> None:
     assert (
         Browser(base).get("/queue", {"Authorization": "Bearer s3cret-token"})[1].endswith("/queue")
     )
+
+
+def test_move_and_new_deer_from_the_queue(served, database_url) -> None:
+    serve, herd = served
+    browser = Browser(serve())
+    token = csrf_of(browser.get("/queue")[2])
+    first, second = herd.flagged[:2]
+    target = next(d for d in set(herd.deer_of.values()) if d != herd.deer_of[first])
+    page = browser.post("/review/move", {"detection_id": first, "deer_id": str(target),
+                                         "csrf": token})[2]  # fmt: skip
+    assert flash(page) == [f"Moved {first} to deer {target}."]
+    page = browser.post("/review/new", {"detection_id": second, "csrf": token})[2]
+    assert flash(page) == [f"{second} is a deer of its own now."]
+    page = browser.post("/review/move", {"detection_id": first, "deer_id": "x", "csrf": token})[2]
+    assert flash(page) == ["'x' is not a deer id"]
+    with psycopg.connect(database_url) as conn:
+        rows = {d: (deer, outcome) for d, deer, outcome in conn.execute(
+            "SELECT detection_id, deer_id, review_outcome FROM detections "
+            "WHERE detection_id = ANY(%s)", ([first, second],)).fetchall()}  # fmt: skip
+        kinds = [k for (k,) in conn.execute("SELECT kind FROM deer_changes ORDER BY id")]
+    assert rows[first] == (target, "moved")
+    assert rows[second][0] not in herd.deer_of.values() and rows[second][1] == "new_deer"
+    assert kinds[-1] == "split" and kinds[0] in ("move", "merge")  # a lone detection: a merge
