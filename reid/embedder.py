@@ -202,6 +202,11 @@ class Embedder:
     def preprocess(self) -> Preprocess:
         return self._require().preprocess
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The names of the two ensemble members (reid.members), e.g. ("msr50", "effb0")."""
+        return tuple(m.name for m in self._require().members)
+
     def start(self) -> None:
         """Load the weights and warm up; a second call while started does nothing."""
         if self._loaded is not None:

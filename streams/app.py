@@ -192,7 +192,9 @@ class StreamApp:
     def _model_info(self) -> None:
         self.metrics.embedding_info.info(
             {
-                "backbones": BACKBONES,
+                "backbones": BACKBONES
+                if self.embedder.members == ("msr50", "effb0")
+                else "+".join(self.embedder.members),
                 "embedding_version": self.embedder.embedding_version,
                 "weights_source": self.embedder.source,
                 "device": self.embedder.device,

@@ -340,7 +340,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"  suggested threshold {sug['threshold']:.2f} (false-merge rate <= "
             f"{sug['target_false_merge_rate']}): accuracy {sug['accuracy']:.3f}, "
             f"false-merge rate {sug['false_merge_rate']:.3f}, "
-            f"fragmentation {sug['fragmentation']:.2f}"
+            f"fragmentation {sug['fragmentation']:.2f}; in the stream: reid-stream activate "
+            f"{result['embedding_version']} --threshold {sug['threshold']:.2f}"
         )
     return "\n".join(lines)
 

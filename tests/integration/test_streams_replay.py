@@ -265,9 +265,16 @@ def test_replay_validate_activate_and_roll_back(stream_env, checkpoint_b, tmp_pa
         assert written["new"]["false_merge_rate"] <= written["old"]["false_merge_rate"]
         assert (tmp_path / "validate" / "validate.png").read_bytes()[:4] == b"\x89PNG"
 
-        # 6. Activate B: the live consumer switches without a restart.
-        done = cli(env, "activate", VERSION_B)
+        # 6. Activate B with its own threshold: the live consumer switches without a restart
+        # and decides with B's threshold. At -1 every detection joins its best existing deer,
+        # which REID_THRESHOLD (0.6) would not do.
+        done = cli(env, "activate", VERSION_B, "--threshold", "-1")
         assert done.returncode == 0, done.stderr[-2000:]
+        assert "threshold -1" in done.stdout
+        with psycopg.connect(db) as conn:
+            deer_before = {r[0] for r in conn.execute("SELECT id FROM deer")}
+            assert conn.execute("SELECT threshold FROM embedding_versions WHERE version = %s",
+                                (VERSION_B,)).fetchone() == (-1.0,)  # fmt: skip
         cache = CentroidCache(env["REID_REDIS_URL"], key_prefix=env["REID_CACHE_KEY_PREFIX"])
         cache.start()
         try:
@@ -285,6 +292,11 @@ def test_replay_validate_activate_and_roll_back(stream_env, checkpoint_b, tmp_pa
                 "LIKE 'b-%%'").fetchall())  # fmt: skip
             assert rows[after_b[-1]] == VERSION_B
             under_b = [d for d, v in rows.items() if v == VERSION_B]
+            assert live.app.processor.thresholds.get(VERSION_B) == -1.0
+            joined = {r[0] for r in conn.execute(
+                "SELECT deer_id FROM detections WHERE detection_id = ANY(%s)", (under_b,)
+            )}  # fmt: skip
+            assert joined <= deer_before  # B's threshold, not REID_THRESHOLD, decided
             # The live consumer writes only the active version's vectors.
             assert set(under_b) <= set(vectors_by_detection(conn, VERSION_B))
             assert not set(under_b) & set(vectors_by_detection(conn, VERSION_A))

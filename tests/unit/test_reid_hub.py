@@ -112,3 +112,28 @@ def test_catalogue_names_files_where_their_libraries_look() -> None:
     assert mega.files[-1].url() == (
         "https://huggingface.co/BVRA/MegaDescriptor-L-384/resolve/main/pytorch_model.bin"
     )
+
+
+def test_the_streams_resolution_never_touches_the_network(tmp_path: Path, monkeypatch) -> None:
+    import logging
+    import socket
+
+    from reid.weights import load_ensemble
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the stream's weights resolution opened a connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("reid.weights").addHandler(handler)
+    try:
+        # An empty cache: checkpoint (none) -> local cache (empty) -> seeded, said loudly.
+        loaded = load_ensemble(None, hub_dir=tmp_path / "empty-hub", input_size=32)
+    finally:
+        logging.getLogger("reid.weights").removeHandler(handler)
+    assert loaded.source == "seeded"
+    assert any("NO TRAINED WEIGHTS" in r.getMessage() for r in records)
+    assert any("weights pull imagenet" in r.getMessage() for r in records)
