@@ -14,12 +14,20 @@ Sections (each a list of rows in the JSON, a table on stdout):
 4. ``matching`` and ``vector_search``: matching a batch against 1k-100k known deer; pgvector
    HNSW top-5 over stored detections vs exact search.
 5. ``latency``: p50 / p99 from the event's produce timestamp to its assignment record, with
-   the input fed at about half of the measured maximum throughput.
+   the input fed at 3 events/s and at about half of the measured maximum throughput, with the
+   adaptive batch window and with the fixed one it replaced.
 6. ``memory``: peak resident memory of the process (the consumer runs in it) and peak GPU
    memory where there is a GPU.
 7. ``replay``: re-embedding rate of stored detections under a new version.
 8. ``thumbnails``: the crop thumbnails' cost in the decode threads and on the write path
    (``write_batch`` with and without them, alternating).
+
+Asked for by name only: ``int8`` (ONNX Runtime static INT8 quantisation of the ensemble,
+calibrated on the ``--images`` crops, against fp32: speed, cosine, assignment agreement) and
+``gpu``, the preset for a lent GPU: ``model``, ``stream``, ``latency`` and ``precision`` with
+PyTorch on CUDA (fp32 and fp16 raw at batch 1-64, the fp16 stream end to end, latency at 3
+events/s and half load, peak GPU memory), sized to a few minutes; without CUDA it says so and
+measures nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +44,14 @@ from typing import Any
 
 from streams.logs import progress_bar
 from streams.tools.bench import sections as bench_sections
-from streams.tools.bench.report import SECTIONS, BenchPlan, BenchReport, format_tables, machine_info
+from streams.tools.bench.report import (
+    EXTRA_SECTIONS,
+    SECTIONS,
+    BenchPlan,
+    BenchReport,
+    format_tables,
+    machine_info,
+)
 from streams.tools.bench.stream import bench_photos
 
 log = logging.getLogger(__name__)
@@ -74,9 +89,20 @@ def run_bench(
     from streams.versions import build_embedder
 
     wanted = set(sections or SECTIONS)
+    unknown = sorted(wanted - set(SECTIONS) - set(EXTRA_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown bench sections {unknown}; known: {SECTIONS + EXTRA_SECTIONS}")
     report = BenchReport(machine_info(), plan={k: v for k, v in plan.__dict__.items()})
+    if "gpu" in wanted:
+        skipped = bench_sections.gpu_missing()
+        if skipped is not None:
+            report.add("gpu", {"skipped": skipped})
+            report.notes.append(f"gpu: {skipped}")
+            return report
+        wanted = (wanted - {"gpu"}) | {"model", "stream", "latency", "precision"}
     with bench_servers(use_env) as servers:
         base = {**servers, "metrics_port": 0, "input_size": plan.input_size}
+        base.update({k: v for k, v in (("device", plan.device), ("backend", plan.backend)) if v})
 
         def settings_for(**overrides: Any) -> Any:
             tag = uuid.uuid4().hex[:8]
@@ -131,6 +157,8 @@ def run_bench(
                 bench_sections.precision_section(report, settings, embedder, photos[:64])
             if section("replay"):
                 bench_sections.replay_section(report, plan, settings_for, embedder)
+            if section("int8"):
+                bench_sections.int8_section(report, plan, embedder, images)
         finally:
             embedder.stop()
         if section("matching"):
@@ -152,14 +180,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", type=Path, default=Path("bench.json"), help="where the figures go (JSON)")
     add("--use-env", action="store_true", help="servers named by the settings, not embedded")
     add("--images", type=Path, default=None, help="crops to feed (default: synthetic)")
-    add("--sections", default=None, help=f"comma list of {','.join(SECTIONS)}")
+    add("--sections", default=None,
+        help=f"comma list of {','.join(SECTIONS + EXTRA_SECTIONS)} (default: all but "
+             f"{' and '.join(EXTRA_SECTIONS)}; gpu: the preset for a lent GPU)")  # fmt: skip
     add("--events", type=int, default=None, help="events per stream run")
     add("--search-sizes", default=None, help="comma list of stored detections for HNSW search")
     add("--replay-events", type=int, default=None, help="detections to replay (e.g. 6982)")
 
 
 def plan_from(args: argparse.Namespace) -> BenchPlan:
-    plan = BenchPlan.quick() if args.quick else BenchPlan()
+    gpu = "gpu" in (args.sections or "").split(",")
+    plan = BenchPlan.quick() if args.quick else BenchPlan.gpu() if gpu else BenchPlan()
     changes: dict[str, Any] = {}
     if args.events:
         changes["stream_events"] = args.events

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 SECTIONS = (
     "model", "stream", "naive", "latency", "precision", "matching", "replay", "thumbnails",
 )  # fmt: skip
+# Asked for by name only: ``int8`` quantises the model (minutes on a CPU); ``gpu`` is the
+# preset for a lent GPU (model, stream, latency, precision and memory on CUDA).
+EXTRA_SECTIONS = ("int8", "gpu")
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,32 @@ class BenchPlan:
     deer_counts: tuple[int, ...] = (1_000, 10_000, 100_000)
     search_sizes: tuple[int, ...] = (100_000,)
     latency_seconds: float = 30.0
+    # Feed rates of the latency rows, events/s; None = half of the best stream throughput.
+    latency_rates: tuple[float | None, ...] = (3.0, None)
+    # "adaptive": the settings' window; "fixed": REID_BATCH_MIN_WAIT_MS = max wait (the old one).
+    latency_windows: tuple[str, ...] = ("adaptive", "fixed")
     replay_events: int = 200
     individuals: int = 40
+    int8_calibration: int = 64  # crops the INT8 model is calibrated on
+    device: str | None = None  # None: the settings' (REID_DEVICE)
+    backend: str | None = None  # None: the settings' (REID_BACKEND)
 
     @classmethod
     def quick(cls) -> BenchPlan:
         return cls(
             input_size=64, batch_sizes=(1, 8), stream_batch=8, stream_events=32, naive_events=8,
             model_seconds=0.3, deer_counts=(1_000,), search_sizes=(2_000,),
-            latency_seconds=3.0, replay_events=16, individuals=6,
+            latency_seconds=3.0, latency_windows=("adaptive",), replay_events=16, individuals=6,
+            int8_calibration=8,
+        )  # fmt: skip
+
+    @classmethod
+    def gpu(cls) -> BenchPlan:
+        """A few minutes of a lent GPU: PyTorch on CUDA (fp32 and fp16 raw, fp16 stream)."""
+        return cls(
+            batch_sizes=(1, 8, 16, 32, 64), stream_batch=64, stream_events=3000,
+            runners=("confluent",), model_seconds=1.5, latency_seconds=15.0,
+            device="cuda", backend="torch",
         )  # fmt: skip
 
 

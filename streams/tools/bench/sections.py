@@ -54,6 +54,7 @@ def stream_section(
     for runner in plan.runners:
         settings = settings_for(batch_max_size=plan.stream_batch)
         reset_peak_rss()
+        gpu = _reset_peak_gpu()
         try:
             run = run_stream(settings, embedder, photos, runner=runner)
         except ImportError as err:
@@ -68,6 +69,8 @@ def stream_section(
             "ratio_to_raw": None if raw is None else round(run.events_per_s / raw, 3),
             "peak_rss_mb": round(peak_rss_bytes() / 2**20),
         }  # fmt: skip
+        if gpu:
+            row["peak_gpu_mb"] = _peak_gpu_mb()
         report.add("stream", row)
         best = max(best or 0.0, run.events_per_s)
     return best
@@ -93,19 +96,30 @@ def latency_section(
     report: BenchReport, plan: BenchPlan, settings_for: Callable[..., Any], embedder: Any,
     photos: list[bytes], max_rate: float,
 ) -> None:  # fmt: skip
-    rate = max(0.5, max_rate / 2)
-    count = max(4, int(rate * plan.latency_seconds))
-    settings = settings_for(batch_max_size=plan.stream_batch)
-    run = run_stream(settings, embedder, _cycle(photos, count), runner="confluent", rate=rate)
-    values = np.array(sorted(run.assignments_ms.values()))
-    report.add("latency", {
-        "runner": "confluent", "rate_events_per_s": round(rate, 2), "events": len(values),
-        "batch_max_size": settings.batch_max_size,
-        "batch_max_wait_ms": settings.batch_max_wait_ms,
-        "p50_ms": round(float(np.percentile(values, 50)), 1),
-        "p99_ms": round(float(np.percentile(values, 99)), 1),
-        "max_ms": round(float(values.max()), 1),
-    })  # fmt: skip
+    """p50/p99 from produce to assignment at each of ``plan.latency_rates`` (None: half of
+    ``max_rate``, the best stream throughput), with each of ``plan.latency_windows``."""
+    for wanted in plan.latency_rates:
+        rate = max(0.5, max_rate / 2) if wanted is None else wanted
+        load = "half of max" if wanted is None else f"{wanted:g} ev/s"
+        count = max(4, int(rate * plan.latency_seconds))
+        for window in plan.latency_windows:
+            settings = settings_for(batch_max_size=plan.stream_batch)
+            if window == "fixed":  # the window before it was adaptive
+                settings = settings_for(batch_max_size=plan.stream_batch,
+                                        batch_min_wait_ms=settings.batch_max_wait_ms)  # fmt: skip
+            run = run_stream(settings, embedder, _cycle(photos, count), runner="confluent",
+                             rate=rate)  # fmt: skip
+            values = np.array(sorted(run.assignments_ms.values()))
+            report.add("latency", {
+                "runner": "confluent", "window": window, "load": load,
+                "rate_events_per_s": round(rate, 2), "events": len(values),
+                "batches": run.batches, "batch_max_size": settings.batch_max_size,
+                "batch_max_wait_ms": settings.batch_max_wait_ms,
+                "batch_min_wait_ms": settings.batch_min_wait_ms,
+                "p50_ms": round(float(np.percentile(values, 50)), 1),
+                "p99_ms": round(float(np.percentile(values, 99)), 1),
+                "max_ms": round(float(values.max()), 1),
+            })  # fmt: skip
 
 
 def _cycle(photos: list[bytes], count: int) -> list[bytes]:
@@ -178,5 +192,78 @@ def memory_section(report: BenchReport) -> None:
 
     row: dict[str, Any] = {"peak_rss_mb": round(peak_rss_bytes() / 2**20)}
     if torch.cuda.is_available():
-        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        row["peak_gpu_mb"] = max(_gpu_peak_before_reset[0], _peak_gpu_mb())
     report.add("memory", row)
+
+
+# The process's peak GPU memory before the last reset (each stream run measures its own).
+_gpu_peak_before_reset = [0]
+
+
+def _reset_peak_gpu() -> bool:
+    """Reset CUDA's peak-memory counter; False where there is no CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    _gpu_peak_before_reset[0] = max(_gpu_peak_before_reset[0], _peak_gpu_mb())
+    torch.cuda.reset_peak_memory_stats()
+    return True
+
+
+def _peak_gpu_mb() -> int:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20)
+
+
+def gpu_missing() -> str | None:
+    """Why the ``gpu`` preset cannot run here, or None where it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("skipped: no CUDA device on this machine; run `reid-stream bench --sections gpu` "
+                "on a GPU host (PyTorch with CUDA), it measures nothing on a CPU")  # fmt: skip
+    return None
+
+
+def int8_section(report: BenchReport, plan: BenchPlan, embedder: Any, images: Any) -> None:
+    """INT8 (ONNX Runtime static quantisation) against fp32, on the ``--images`` crops (all of
+    them, once) or, without them, the synthetic photos; see reid.evaluation.int8."""
+    import torch
+
+    from reid.evaluation.int8 import compare_int8
+    from reid.preprocess import decode_image
+    from streams.tools.bench.stream import bench_photos
+
+    if images is not None:
+        from streams.tools.produce import photos_from
+
+        photos = [data for _, data in photos_from(images, None)]
+    else:
+        photos = bench_photos(4 * plan.int8_calibration, plan.individuals)
+        report.notes.append("int8: synthetic crops; give --images for real ones")
+    crops = torch.stack([embedder.preprocess.to_uint8(decode_image(p)) for p in photos])
+    sizes = sorted({1, 8, plan.stream_batch})
+    result = compare_int8(
+        embedder, crops, calibration=min(plan.int8_calibration, len(crops) // 2),
+        batch_sizes=sizes, stream_batch=plan.stream_batch, seconds=plan.model_seconds,
+    )  # fmt: skip
+    for row in result["speed"]:
+        report.add("int8", {"batch": row["batch"], **{k: _rounded(v) for k, v in row.items()
+                                                      if k != "batch"}})  # fmt: skip
+    cos = result["cosine"]
+    report.add("int8_accuracy", {
+        "crops": result["crops"], "calibration_crops": result["calibration_crops"],
+        "evaluated_crops": result["evaluated_crops"],
+        "cos_min_resnet": round(cos["resnet"]["min"], 4),
+        "cos_min_effnet": round(cos["effnet"]["min"], 4),
+        "cos_mean_resnet": round(cos["resnet"]["mean"], 4),
+        "cos_mean_effnet": round(cos["effnet"]["mean"], 4),
+        "identical_decisions": round(result["assignment_agreement"], 4),
+        "fp32_mb": round(result["fp32_mb"], 1), "int8_mb": round(result["int8_mb"], 1),
+        "quantise_s": round(result["quantise_s"], 1),
+        "adopt": result["adopt"],
+    })  # fmt: skip
+    for check, passed in result["checks"].items():
+        report.notes.append(f"int8: {check}: {'yes' if passed else 'NO'}")
