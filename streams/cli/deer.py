@@ -10,70 +10,96 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from streams.cli.common import settings_from, started_store
-
-
-def _add(
-    sub: argparse._SubParsersAction, name: str, summary: str, *examples: str
-) -> argparse.ArgumentParser:
-    lines = "\n".join(f"  reid-stream {e}" for e in examples)
-    return sub.add_parser(
-        name, help=summary, description=summary[:1].upper() + summary[1:] + ".",
-        epilog=f"examples:\n{lines}", formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+from streams.cli.common import add_command, settings_from, started_store
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    deer = _add(sub, "deer", "show, merge, split and correct deer (curation)",
-                "deer show 17", "deer merge 17 42 --reason 'same scar on the left flank'",
-                "deer split 17 --detections cam3-0042 cam3-0043")  # fmt: skip
+    deer = add_command(
+        sub,
+        "deer",
+        "show, merge, split and correct deer (curation)",
+        "deer show 17",
+        "deer merge 17 42 --reason 'same scar on the left flank'",
+        "deer split 17 --detections cam3-0042 cam3-0043",
+    )
     actions = deer.add_subparsers(dest="deer_command", required=True)
 
-    p = _add(actions, "show", "a deer as JSON: sightings, seen, cameras, versions, recent",
-             "deer show 17", "deer show 42   # merged: shows its survivor")  # fmt: skip
+    p = add_command(
+        actions,
+        "show",
+        "a deer as JSON: sightings, seen, cameras, versions, recent",
+        "deer show 17",
+        "deer show 42   # merged: shows its survivor",
+    )
     p.add_argument("deer_id", type=int)
     p.add_argument("--recent", type=int, default=10, help="recent detections listed (10)")
     p.set_defaults(func=cmd_show)
 
-    p = _add(actions, "history", "the curation changes that named a deer, in order",
-             "deer history 17")  # fmt: skip
+    p = add_command(
+        actions, "history", "the curation changes that named a deer, in order", "deer history 17"
+    )
     p.add_argument("deer_id", type=int)
     p.set_defaults(func=cmd_history)
 
-    p = _add(actions, "merge", "merge deer OTHER into KEEP (OTHER stays an alias of KEEP)",
-             "deer merge 17 42 --reason 'same animal'")  # fmt: skip
+    p = add_command(
+        actions,
+        "merge",
+        "merge deer OTHER into KEEP (OTHER stays an alias of KEEP)",
+        "deer merge 17 42 --reason 'same animal'",
+    )
     p.add_argument("keep", type=int)
     p.add_argument("other", type=int)
     p.add_argument("--reason", default=None, help="why, kept with the change")
     p.set_defaults(func=cmd_change, change="merge")
 
-    p = _add(actions, "split", "make some detections of a deer a new deer",
-             "deer split 17 --detections cam3-0042 cam3-0043 --reason 'two animals'")  # fmt: skip
+    p = add_command(
+        actions,
+        "split",
+        "make some detections of a deer a new deer",
+        "deer split 17 --detections cam3-0042 cam3-0043 --reason 'two animals'",
+    )
     p.add_argument("deer_id", type=int)
     p.add_argument("--detections", nargs="+", required=True, help="detection ids to split off")
     p.add_argument("--reason", default=None, help="why, kept with the change")
     p.set_defaults(func=cmd_change, change="split")
 
-    p = _add(actions, "move", "move detections (of one deer) to another existing deer",
-             "deer move 17 --detections cam3-0042")  # fmt: skip
+    p = add_command(
+        actions,
+        "move",
+        "move detections (of one deer) to another existing deer",
+        "deer move 17 --detections cam3-0042",
+    )
     p.add_argument("to_deer", type=int)
     p.add_argument("--detections", nargs="+", required=True, help="detection ids to move")
     p.add_argument("--reason", default=None, help="why, kept with the change")
     p.set_defaults(func=cmd_change, change="move")
 
-    p = _add(actions, "confirm", "mark a flagged detection reviewed where it is",
-             "deer confirm cam3-0042")  # fmt: skip
+    p = add_command(
+        actions,
+        "confirm",
+        "mark a flagged detection reviewed where it is",
+        "deer confirm cam3-0042",
+    )
     p.add_argument("detection_id")
     p.add_argument("--reason", default=None, help="a note, kept with the change")
     p.set_defaults(func=cmd_change, change="confirm")
 
-    p = _add(actions, "publish", "send the deer.changes events the broker did not acknowledge",
-             "deer publish")  # fmt: skip
+    p = add_command(
+        actions,
+        "publish",
+        "send the deer.changes events the broker did not acknowledge",
+        "deer publish",
+    )
     p.set_defaults(func=cmd_publish)
 
-    p = _add(sub, "review", "serve the review page (queue, deer, merge, split) until SIGTERM",
-             "review", "review --port 8090",
-             "review --host 0.0.0.0   # needs REID_REVIEW_TOKEN")  # fmt: skip
+    p = add_command(
+        sub,
+        "review",
+        "serve the review page (queue, deer, merge, split) until SIGTERM",
+        "review",
+        "review --port 8090",
+        "review --host 0.0.0.0   # needs REID_REVIEW_TOKEN",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8088, help="port (default 8088; 0 = any)")
     p.set_defaults(func=cmd_review)

@@ -126,6 +126,19 @@ def test_stream_end_to_end(stack, stream_env, database_url, tmp_path, runner):
         assert first[detection_id]["deer_id"] == str(deer_id)
         assert first[detection_id]["is_new_deer"] == is_new
         assert first[detection_id]["embedding_version"] == version
+    # The review flag and candidates go out as stored; every crop keeps a bounded thumbnail.
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute(
+            "SELECT detection_id, needs_review, candidates, octet_length(thumbnail) FROM detections"
+        ).fetchall()
+    for detection_id, flagged, candidates, thumb_bytes in kept:
+        event = first[detection_id]
+        assert event["needs_review"] == flagged
+        assert [c["deer_id"] for c in event["candidates"]] == [
+            str(c["deer_id"]) for c in candidates
+        ]
+        assert 0 < len(candidates) <= 3 or event["is_new_deer"]
+        assert thumb_bytes is not None and 0 < thumb_bytes <= 16_384
 
     # The metrics the dashboards read.
     assert metrics["reid_events_consumed_total"] == len(mixed)
