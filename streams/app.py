@@ -120,6 +120,8 @@ class StreamApp:
             log.info("metrics: serving http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         self.health.start()
         ensure_stream_topics(s, [s.topic_detections, s.topic_assignments, s.topic_dead_letters])
+        # One partition: the order of the topic is the order of the changes (docs/curation.md).
+        ensure_stream_topics(s, [s.topic_deer_changes], 1)
         self.store.start()
         self._start_active_version()  # starts the embedder
         self._model_info()

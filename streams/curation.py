@@ -27,7 +27,7 @@ from sinks.records import Change, ChangeResult
 from sinks.store import PgStore
 from streams.events import SCHEMA_VERSION, rfc3339
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_stream_topics
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Curator:
         self.store.start()
         if self.cache is not None:
             self.cache.start()
-        ensure_topics(self.settings.kafka_common(), [self.settings.topic_deer_changes], 1)
+        ensure_stream_topics(self.settings, [self.settings.topic_deer_changes], 1)
         self.publisher.start()
         self._started = True
 

@@ -323,10 +323,12 @@ def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) 
 
 
 # REID_* names read by something else than a field: load_settings() itself, the compose file
-# (image tag) and the fault tests (report writing). Anything else is a typo or a leftover.
+# (image tag) and the tests (the fault report, the review page's screenshot). Anything else is
+# a typo or a leftover.
 OTHER_VARIABLES = frozenset(
-    {"REID_SETTINGS_FILE", "REID_SECRETS_DIR", "REID_IMAGE_TAG", "REID_WRITE_RELIABILITY"}
-)
+    {"REID_SETTINGS_FILE", "REID_SECRETS_DIR", "REID_IMAGE_TAG", "REID_WRITE_RELIABILITY",
+     "REID_WRITE_SCREENSHOT"}
+)  # fmt: skip
 
 
 def closest_setting(name: str) -> str | None:

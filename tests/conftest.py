@@ -115,6 +115,7 @@ def stream_environment(
         "REID_TOPIC_DETECTIONS": f"detections-{unique}",
         "REID_TOPIC_ASSIGNMENTS": f"assignments-{unique}",
         "REID_TOPIC_DEAD_LETTERS": f"detections.dlq-{unique}",
+        "REID_TOPIC_DEER_CHANGES": f"deer.changes-{unique}",
         "REID_TOPIC_PARTITIONS": "2",
         "REID_GROUP_ID": f"reid-{unique}",
         "REID_CACHE_KEY_PREFIX": f"reid-{unique}",
