@@ -15,9 +15,9 @@ import pytest
 
 from reid.matching import (
     DEFAULT_THRESHOLD,
+    TOP_CANDIDATES,
     W_EFFNET,
     W_RESNET,
-    TOP_CANDIDATES,
     BatchAssignment,
     Candidate,
     Gallery,
@@ -87,9 +87,10 @@ def reference_assign(
             ranked += [(-float(c_s[j]), 1, j, float(c_sr[j]), float(c_se[j]))
                        for j in range(len(created))]  # fmt: skip
         cands = tuple(
-            Candidate(int(gallery.deer_ids[k]) if g == 0 else None, k if g == 1 else None, -s, sr, se)
+            Candidate(int(gallery.deer_ids[k]) if g == 0 else None, k if g == 1 else None,
+                      -s, sr, se)
             for s, g, k, sr, se in sorted(ranked)[:TOP_CANDIDATES]
-        )
+        )  # fmt: skip
         flag = review_flag(cands, threshold, review_band, review_margin)
         if best is not None and best[0] >= threshold:
             if new is not None:
