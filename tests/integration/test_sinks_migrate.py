@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from sinks.migrate import available, migrate
+from sinks.pg import StoreUnavailable
 from sinks.registry import VersionSpec
 from sinks.store import PgStore
 
@@ -103,5 +104,8 @@ def test_concurrent_migrations_both_succeed(database_url: str) -> None:
 
 
 def test_migrate_reports_unreachable_database() -> None:
-    with pytest.raises(psycopg.OperationalError):
+    # A dependency failure, named as such (the command line turns it into one line), with
+    # the driver's error kept as its cause.
+    with pytest.raises(StoreUnavailable, match="cannot connect to postgres") as caught:
         migrate("postgresql://postgres@127.0.0.1:1/none?connect_timeout=2")
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
