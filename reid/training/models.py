@@ -41,7 +41,7 @@ from reid.members import (
     set_last_stride_one,
 )
 from reid.preprocess import Preprocess
-from reid.training.config import DataConfig, ModelConfig
+from reid.training.config import DataConfig, ModelConfig, package_file
 from reid.trunk_weights import load_trunk_weights
 
 __all__ = ["EnsembleModel", "MemberModel", "SingleBackbone", "build_model", "load_trunk_weights"]
@@ -145,6 +145,7 @@ def build_model(cfg: ModelConfig, data: DataConfig | None = None) -> nn.Module:
         for spec, file in zip(specs, files, strict=True):
             module = build_member(spec)
             if file:
+                file = package_file(file, "model.member_weights")
                 load_trunk_weights(module.trunk, file, spec.arch)
             modules.append(module)
         return EnsembleModel(modules[0], modules[1], specs)
@@ -158,5 +159,6 @@ def build_model(cfg: ModelConfig, data: DataConfig | None = None) -> nn.Module:
     size = specs[0].input_size
     model = SingleBackbone(cfg.arch, cfg.dim, cfg.bnneck, cfg.last_stride, size)
     if cfg.pretrained:
-        load_trunk_weights(model.trunk, cfg.pretrained, specs[0].arch)
+        load_trunk_weights(model.trunk, package_file(cfg.pretrained, "model.pretrained"),
+                           specs[0].arch)  # fmt: skip
     return model

