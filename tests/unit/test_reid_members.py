@@ -215,7 +215,7 @@ def test_the_finetune_recipe_starts_from_the_offline_imagenet_weights() -> None:
     model = build_model(cfg.model, cfg.data)
     pre = input_preprocess(cfg.model, cfg.data)
     # Side view, aspect kept; the two members normalise differently: two views on a sheet.
-    assert [v.input_size for v in pre.views] == [(160, 320), (160, 320)]
+    assert [v.input_size for v in pre.views] == [(128, 256), (128, 256)]
     assert {v.fit for v in pre.views} == {"pad"} and pre.views[1].mean == (0.5, 0.5, 0.5)
     mnv2 = model.resnet.member.trunk
     assert mnv2.features[14].conv[1][0].stride == (1, 1)  # last stride 1
