@@ -287,7 +287,7 @@ class BatchProcessor:
         ]  # fmt: skip
         decoded = decode_crops(
             [data for _, data in readable], [item.event.bbox for item, _ in readable],
-            embedder.preprocess.input_size, device=embedder.device,
+            embedder.preprocess, device=embedder.device,
             max_pixels=self.settings.max_image_pixels,
         )  # fmt: skip
         for (item, _), thumb in zip(readable, thumbs, strict=False):  # made meanwhile
