@@ -68,7 +68,7 @@ async def adaptive_take(
             since = first_at[0] if buffer else opened
             wait = policy.next_wait(
                 count=len(buffer), waited_s=clock() - since,
-                more_buffered=_queued(channel_it) > 0, model_idle=True,
+                more_buffered=_queued(stream.channel) > 0, model_idle=True,
             )  # fmt: skip
             if wait is None:
                 if buffer:
@@ -86,6 +86,7 @@ async def adaptive_take(
 
 
 def _queued(channel: Any) -> int:
-    """Events the channel holds that the stream has not read yet (0 when it cannot tell)."""
+    """Events the channel holds that the stream has not read yet (0 when it cannot tell): the
+    queue the stream's iterator reads (``Stream._py_aiter`` takes ``self.channel.queue``)."""
     queue = getattr(channel, "_queue", None)
     return queue.qsize() if queue is not None else 0
