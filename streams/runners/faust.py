@@ -313,7 +313,7 @@ def build_app(settings: Settings, group_id: str, datadir: str) -> faust.App:
         broker_session_timeout=s.session_timeout_ms / 1000,
         broker_heartbeat_interval=max(500, s.session_timeout_ms // 5) / 1000,
         consumer_max_fetch_size=fetch,
-        producer_max_request_size=max(1_000_000, s.max_message_bytes + 65_536),
+        producer_max_request_size=s.message_limit_bytes(),
         # A few batches buffered ahead (Faust pauses fetching when full): images are large.
         stream_buffer_maxsize=max(64, 4 * s.batch_max_size),
         stream_wait_empty=True,  # a rebalance waits for the batch in hand, then commits it
