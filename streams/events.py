@@ -142,10 +142,11 @@ def _timestamp(value: Any) -> datetime:
         raise InvalidEvent("bad_timestamp", "captured_at is not an RFC 3339 timestamp") from None
     if parsed.tzinfo is None:
         raise InvalidEvent("bad_timestamp", "captured_at needs a UTC offset (RFC 3339)")
-    try:  # 0001-01-01T00:00+01:00 is before datetime.min in UTC
-        return parsed.astimezone(UTC)
+    try:  # 0001-01-01T00:00+01:00 is before datetime.min in UTC: no output could carry it
+        parsed.astimezone(UTC)
     except OverflowError:
         raise InvalidEvent("bad_timestamp", "captured_at is out of range in UTC") from None
+    return parsed
 
 
 def _base64(value: Any) -> bytes:
