@@ -4,12 +4,16 @@ thumbnail of the crop that the live stream stores with each detection (docs/cura
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
-from collections.abc import Sequence
+import stat
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import torch
@@ -18,6 +22,9 @@ from PIL import Image
 from reid.preprocess import ImageError, Preprocess, crop, decode_image
 from streams.events import DetectionEvent, InvalidEvent
 
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -25,13 +32,162 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 THUMBNAIL_QUALITIES = (80, 60, 40)
 
 
-class ImageRoots:
-    """The folders that ``image_uri`` may name; symlinks are resolved before the check."""
+# What an OSError reading an image says about the event (docs/events.md#image-files).
+# Absent: the file may still be coming (an uploader writing it after the event): looked for
+# again for ``wait_s``, then the event is ``image_not_found``.
+ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+# Transient: the image store or the host is failing, not the event: retried a few times, then
+# ImageSourceUnavailable (the batch is retried like after a database outage).
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN", "EBUSY", "ECOMM", "ECONNABORTED", "ECONNREFUSED", "ECONNRESET", "EDEADLK",
+        "EHOSTDOWN", "EHOSTUNREACH", "EINTR", "EIO", "EMFILE", "ENETDOWN", "ENETRESET",
+        "ENETUNREACH", "ENFILE", "ENOBUFS", "ENOLCK", "ENOLINK", "ENOMEM", "ENOTCONN",
+        "EREMOTEIO", "ESTALE", "ETIMEDOUT", "EWOULDBLOCK",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+# Anything else (EACCES, EPERM, EISDIR, ELOOP, ENAMETOOLONG, EINVAL, no errno...) is the
+# event's: it names something that cannot be read as it stands, now or on a retry.
+POLL_S = 0.1
+TRANSIENT_RETRY_S = (0.05, 0.2, 0.5)
 
-    def __init__(self, roots: Sequence[Path]) -> None:
+
+class ImageSourceUnavailable(RuntimeError):
+    """Reading an image failed for a reason that is not the event's (too many open files, an
+    I/O error, a stale NFS handle, ...), and kept failing over a few quick retries: a
+    dependency failure like a database outage. Never an InvalidEvent: the event must not be
+    dead-lettered for it; its batch is retried."""
+
+    def __init__(self, uri: str, err: OSError) -> None:
+        name = errno.errorcode.get(err.errno or -1, str(err.errno))
+        super().__init__(f"image source unavailable: {name} {err.strerror} ({_short(uri)})")
+        self.errno = err.errno
+
+
+class _Absent(InvalidEvent):
+    """No file (yet) at the name: ``read`` looks again until its wait is over."""
+
+    def __init__(self) -> None:
+        super().__init__("image_not_found", "no such file under the image roots")
+
+
+def errno_class(err: OSError) -> str:
+    """``absent``, ``transient`` or ``bad`` (the event's own problem); see the constants."""
+    if err.errno in ABSENT_ERRNOS:
+        return "absent"
+    if err.errno in TRANSIENT_ERRNOS:
+        return "transient"
+    return "bad"
+
+
+def _event_error(err: OSError) -> Exception:
+    """What an OSError becomes: _Absent, the OSError itself (transient), or InvalidEvent."""
+    kind = errno_class(err)
+    if kind == "absent":
+        return _Absent()
+    if kind == "transient":
+        return err
+    return InvalidEvent("image_not_found", f"cannot read the file ({err.strerror or err})")
+
+
+class ImageRoots:
+    """The folders that ``image_uri`` may name; symlinks are resolved before the check.
+
+    ``read`` waits up to ``wait_s`` for an absent file and retries transient errors
+    (``retry_s``, then ImageSourceUnavailable); ``sleep``/``clock`` are for the tests."""
+
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        *,
+        wait_s: float = 2.0,
+        poll_s: float = POLL_S,
+        retry_s: Sequence[float] = TRANSIENT_RETRY_S,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.roots = [Path(r).resolve() for r in roots]
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.retry_s = tuple(retry_s)
+        self._sleep = sleep
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageRoots:
+        return cls(settings.image_roots, wait_s=settings.image_wait_ms / 1000)
 
     def resolve(self, uri: str) -> Path:
+        """The regular file ``uri`` names, looked up once. Raises InvalidEvent (bad input; an
+        absent file is ``image_not_found``) or a transient OSError."""
+        absent = False
+        for candidate in self._candidates(uri):
+            try:
+                real = candidate.resolve()
+            except RuntimeError:  # Python 3.11's answer to a symlink loop
+                raise InvalidEvent("image_not_found", "image_uri is a symlink loop") from None
+            except OSError as err:
+                raise _event_error(err) from None
+            if not any(real.is_relative_to(root) for root in self.roots):
+                raise InvalidEvent(
+                    "image_uri_forbidden", "image_uri points outside the image roots"
+                )
+            try:
+                mode = real.stat().st_mode
+            except OSError as err:
+                error = _event_error(err)
+                if isinstance(error, _Absent):
+                    absent = True
+                    continue  # another root may hold it
+                raise error from None
+            if stat.S_ISREG(mode):
+                return real
+        if absent:
+            raise _Absent()
+        raise InvalidEvent("image_not_found", "image_uri names a directory or other non-file")
+
+    def read(self, uri: str, *, deadline: float | None = None) -> bytes:
+        """The file's bytes. An absent file is looked for every ``poll_s`` until ``wait_s``
+        (or the monotonic ``deadline``, if sooner: one for a whole batch) is over, then
+        InvalidEvent ``image_not_found``; a transient error is retried, then
+        ImageSourceUnavailable; anything else is InvalidEvent at once."""
+        give_up = self._clock() + self.wait_s
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        failures = 0
+        while True:
+            try:
+                return self._read_once(uri)
+            except _Absent:
+                now = self._clock()
+                if now >= give_up:
+                    raise InvalidEvent(
+                        "image_not_found", "no such file under the image roots"
+                    ) from None
+                self._sleep(min(self.poll_s, give_up - now))
+            except OSError as err:  # transient: the others became InvalidEvent
+                if failures >= len(self.retry_s):
+                    log.warning("images: giving up after %d tries: %s", failures + 1, err)
+                    raise ImageSourceUnavailable(uri, err) from err
+                self._sleep(self.retry_s[failures])
+                failures += 1
+
+    def _read_once(self, uri: str) -> bytes:
+        path = self.resolve(uri)
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                # At most one byte more than allowed: a file growing meanwhile is caught too.
+                data = b"" if size > MAX_FILE_BYTES else file.read(MAX_FILE_BYTES + 1)
+        except OSError as err:
+            raise _event_error(err) from None
+        if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+            raise InvalidEvent("image_too_large", f"file larger than {MAX_FILE_BYTES} bytes")
+        return data
+
+    def _candidates(self, uri: str) -> list[Path]:
         parsed = urlparse(uri)
         if parsed.scheme not in ("", "file"):
             raise InvalidEvent(
@@ -44,41 +200,37 @@ class ImageRoots:
             raise InvalidEvent("image_uri_forbidden", "image_uri is empty or holds a NUL byte")
         if not self.roots:
             raise InvalidEvent("image_uri_forbidden", "no image roots are configured")
-        candidates = [Path(raw)] if os.path.isabs(raw) else [root / raw for root in self.roots]
-        for candidate in candidates:
-            real = candidate.resolve()
-            if any(real.is_relative_to(root) for root in self.roots):
-                if real.is_file():
-                    return real
-                continue
-            raise InvalidEvent("image_uri_forbidden", "image_uri points outside the image roots")
-        raise InvalidEvent("image_not_found", "no such file under the image roots")
-
-    def read(self, uri: str) -> bytes:
-        path = self.resolve(uri)
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise InvalidEvent("image_too_large", f"file larger than {MAX_FILE_BYTES} bytes")
-            return path.read_bytes()
-        except OSError as err:
-            raise InvalidEvent(
-                "image_not_found", f"cannot read the file ({err.strerror})"
-            ) from None
+        return [Path(raw)] if os.path.isabs(raw) else [root / raw for root in self.roots]
 
 
-def image_bytes(event: DetectionEvent, roots: ImageRoots) -> bytes:
+def image_bytes(
+    event: DetectionEvent, roots: ImageRoots, *, deadline: float | None = None
+) -> bytes:
+    """The event's image: its ``image_b64`` or its file (see ``ImageRoots.read``)."""
     if event.image_bytes is not None:
         return event.image_bytes
     assert event.image_uri is not None
-    return roots.read(event.image_uri)
+    return roots.read(event.image_uri, deadline=deadline)
+
+
+def _short(uri: str) -> str:
+    return uri if len(uri) <= 200 else uri[:200] + "..."
 
 
 def crop_pixels(
-    event: DetectionEvent, roots: ImageRoots, preprocess: Preprocess, *, max_pixels: int
+    event: DetectionEvent,
+    roots: ImageRoots,
+    preprocess: Preprocess,
+    *,
+    max_pixels: int,
+    deadline: float | None = None,
 ) -> torch.Tensor:
     """The event's crop as the model's uint8 input: read, decode, crop to the box, resize.
-    An image that cannot be read or decoded is the event's own problem (InvalidEvent)."""
-    return crop_with_thumbnail(event, roots, preprocess, max_pixels=max_pixels)[0]
+    An image that cannot be read or decoded is the event's own problem (InvalidEvent); an
+    image store that fails is not (ImageSourceUnavailable)."""
+    return crop_with_thumbnail(event, roots, preprocess, max_pixels=max_pixels, deadline=deadline)[
+        0
+    ]
 
 
 @dataclass(frozen=True)
@@ -96,9 +248,10 @@ def crop_with_thumbnail(
     *,
     max_pixels: int,
     thumbnail: ThumbnailSpec | None = None,
+    deadline: float | None = None,
 ) -> tuple[torch.Tensor, bytes | None]:
     """``crop_pixels``, and the crop's thumbnail (None when not asked for or too large)."""
-    data = image_bytes(event, roots)
+    data = image_bytes(event, roots, deadline=deadline)
     try:
         image = crop(decode_image(data, max_pixels=max_pixels), event.bbox)
     except ImageError as err:

@@ -80,7 +80,7 @@ class ReplayBatch:
         self.metrics = metrics
         self.pool = pool
         self.version = version
-        self.roots = ImageRoots(settings.image_roots)
+        self.roots = ImageRoots.from_settings(settings)
 
     def __call__(self, batch: Sequence[Any], stats: ReplayStats) -> None:
         """Re-embed and store what ``batch`` holds; ``stats`` counts every event's result."""

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         8_000_000, ge=1_000, description="Larger input events are dead-lettered"
     )
+    dead_letter_dir: Path | None = Field(
+        None,
+        description="Folder keeping the original of a dead letter too large for its topic, as "
+        "<sha256>.bin (empty = not kept; the dead letter is truncated either way)",
+    )
     topic_replication_factor: int = Field(
         -1, ge=-1, le=32767,
         description="Replication factor of the topics created when missing (-1 = broker default)",
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Decoded images above this are refused (bombs)"
     )
+    image_wait_ms: int = Field(
+        2000, ge=0,
+        description="An image_uri whose file is absent is looked for again this long before "
+        "the event is dead-lettered as image_not_found (files written after their event)",
+    )  # fmt: skip
 
     # Model and matching
     weights_path: Path | None = Field(None, description="Ensemble checkpoint file")
@@ -190,6 +200,11 @@ class Settings(BaseSettings):
     version_poll_s: float = Field(
         5.0, gt=0, description="How often the live consumer reads the active embedding version"
     )
+    version_gap_s: float = Field(
+        30.0, ge=0,
+        description="A new deer waits while a deer created this recently under another "
+        "version has no centroid of the batch's version yet (a replay fills it in)",
+    )  # fmt: skip
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ def roots(tmp_path):
     outside = tmp_path / "secret.jpg"
     outside.write_bytes(b"secret")
     os.symlink(outside, root / "cam1" / "link.jpg")
-    return ImageRoots([root]), root
+    return ImageRoots([root], wait_s=0), root
 
 
 def reason(roots, uri):
