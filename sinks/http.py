@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sinks.redaction import redact
+
 log = logging.getLogger(__name__)
 
 # check name -> None (passed) or the reason it failed
 Readiness = Callable[[], Mapping[str, str | None]]
 
-_CREDENTIALS = re.compile(r"://[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """Drop user:password from any URL in ``text`` (error messages may quote a DSN)."""
-    return _CREDENTIALS.sub("://***@", text)
+__all__ = ["OpsServer", "Readiness", "redact"]
 
 
 class OpsServer:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from importlib import resources
 
 import psycopg
 from psycopg import sql
 
-from sinks.pg import StoreUnavailable
+from sinks.pg import StoreUnavailable, default_timeouts, pg_connect
+from sinks.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,13 @@ def available() -> list[tuple[str, str]]:
 def migrate(dsn: str) -> list[str]:
     """Apply the migrations this database lacks; returns their versions (empty: up to date)."""
     applied: list[str] = []
+    # Keepalives and a connect timeout, but no statement timeout: a migration may build an
+    # index for minutes (or wait for another worker's run to end).
+    timeouts = replace(default_timeouts(), statement_ms=0, connect_s=10)
     try:
-        conn = psycopg.connect(
-            dsn, autocommit=True, application_name="reid-migrate", connect_timeout=10
-        )
-    except psycopg.OperationalError as err:
-        raise StoreUnavailable(f"migrate: cannot connect to postgres: {err}") from err
+        conn = pg_connect(dsn, timeouts=timeouts, autocommit=True, application_name="reid-migrate")
+    except psycopg.Error as err:  # unreachable, or a malformed DSN (a ProgrammingError)
+        raise StoreUnavailable(redact(f"migrate: cannot connect to postgres: {err}")) from err
     with conn:
         # Held for the whole run as well: with per-file locks only, a second process could
         # take the lock between two files and apply the later one itself.
@@ -89,13 +92,13 @@ def sibling_url(dsn: str, database: str) -> str:
 
 def create_database(admin_dsn: str, name: str) -> None:
     """``CREATE DATABASE name`` through a connection to ``admin_dsn`` (any database there)."""
-    with psycopg.connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
+    with pg_connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def drop_database(admin_dsn: str, name: str) -> None:
     """Drop a database, closing its connections; nothing happens when it does not exist."""
-    with psycopg.connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
+    with pg_connect(admin_dsn, autocommit=True, application_name="reid-migrate") as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -19,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tqdm import tqdm
+
+from sinks.redaction import add_environ_secrets, redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 MAX_FIELD_CHARS = 512
@@ -47,8 +50,19 @@ def _clip(value: Any, depth: int = 0) -> Any:
     return _clip(str(value), depth + 1) if depth < 3 else "<...>"
 
 
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, the ``extra`` fields, and exc."""
+    """One JSON object per line: ts, level, logger, msg, the ``extra`` fields, and exc;
+    every string redacted (``sinks.redaction``) before it is JSON-escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -64,16 +78,26 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        return json.dumps(_redacted(doc), default=str, ensure_ascii=False)
+
+
+class RedactingFormatter(logging.Formatter):
+    """The text format, with credentials masked in the whole line, traceback included: a
+    driver's error may quote a connection string (``sinks.redaction``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """(Re)configure the root logger to stderr; safe to call again once settings are read."""
+    """(Re)configure the root logger to stderr; safe to call again once settings are read.
+    Both formats redact credentials, the ``REID_*`` secrets of the environment included."""
+    add_environ_secrets(os.environ)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(RedactingFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

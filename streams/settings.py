@@ -26,6 +26,8 @@ from reid.matching import (
     W_EFFNET,
     W_RESNET,
 )
+from sinks.pg import PgTimeouts, set_default_timeouts
+from sinks.redaction import add_secrets, passwords_in
 from streams.logs import kafka_logger
 
 
@@ -200,6 +202,24 @@ class Settings(BaseSettings):
     version_poll_s: float = Field(
         5.0, gt=0, description="How often the live consumer reads the active embedding version"
     )
+    health_timeout_s: float = Field(
+        3.0, gt=0, description="A /readyz dependency check with no answer after this fails"
+    )
+    pg_connect_timeout_s: float = Field(
+        5.0, gt=0, description="PostgreSQL connect timeout (every connection)"
+    )
+    pg_statement_timeout_ms: int = Field(
+        30_000, ge=0, description="Server-side statement_timeout of every connection (0 = none)"
+    )
+    pg_idle_in_transaction_timeout_ms: int = Field(
+        60_000, ge=0,
+        description="Server-side idle_in_transaction_session_timeout (0 = none)",
+    )  # fmt: skip
+    pg_call_timeout_s: float = Field(
+        60.0, ge=0,
+        description="Client-side deadline of one database call: a hung server's connection "
+        "is aborted after this (0 = none; keep it above the statement timeout)",
+    )  # fmt: skip
     version_gap_s: float = Field(
         30.0, ge=0,
         description="A new deer waits while a deer created this recently under another "
@@ -284,6 +304,26 @@ class Settings(BaseSettings):
         conf.setdefault("message.max.bytes", self.message_limit_bytes())
         return conf
 
+    def pg_timeouts(self) -> PgTimeouts:
+        """The bounds of every PostgreSQL connection (``sinks.pg.PgTimeouts``)."""
+        return PgTimeouts(
+            connect_s=self.pg_connect_timeout_s, statement_ms=self.pg_statement_timeout_ms,
+            idle_in_transaction_ms=self.pg_idle_in_transaction_timeout_ms,
+            call_s=self.pg_call_timeout_s,
+        )  # fmt: skip
+
+    def secret_values(self) -> list[str]:
+        """What must never be logged: the passwords in the URLs, the SASL password, the
+        review token, and the password-like values of ``kafka_options``."""
+        values = [*passwords_in(self.database_url.get_secret_value())]
+        if self.redis_url is not None:
+            values += passwords_in(self.redis_url.get_secret_value())
+        for secret in (self.kafka_password, self.review_token):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        values += [v for k, v in self.kafka_options.items() if re.search(r"(?i)pass|secret", k)]
+        return values
+
     def message_limit_bytes(self) -> int:
         """What the producers and the topics must allow: the largest accepted event, and room
         for a dead letter's headers and the record batch around it."""
@@ -329,12 +369,15 @@ def load_settings(file: str | os.PathLike[str] | None = None, **overrides: Any) 
     if secrets is not None and not Path(secrets).is_dir():
         raise FileNotFoundError(f"secrets folder not found: {secrets}")
     try:
-        return Settings(_env_file=file, _secrets_dir=secrets, **overrides)  # type: ignore[call-arg]
+        settings = Settings(_env_file=file, _secrets_dir=secrets, **overrides)  # type: ignore[call-arg]
     except SettingsError as err:
         # pydantic-settings names the field but not the variable; the value stays out.
         m = re.search(r'field "(\w+)"', str(err))
         name = f"REID_{m.group(1).upper()}" if m else "a setting"
         raise SettingsError(f"{name}: cannot parse the value (lists and objects are JSON)") from err
+    add_secrets(*settings.secret_values())  # redacted from every log line and error
+    set_default_timeouts(settings.pg_timeouts())  # every connection the process opens
+    return settings
 
 
 # REID_* names read by something else than a field: load_settings() itself, the compose file
