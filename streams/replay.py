@@ -20,6 +20,8 @@ the version (a second run, or stored by a live consumer that ran the version).
 not stored yet; a replay that skipped it would never give it a vector. The replay therefore
 holds each partition at the live group's committed offset (re-read every second) and
 follows it. Without a live group's offsets (no live consumer ever committed), nothing is held.
+A failed read of those offsets never releases the hold: the last ones read are kept (before
+any, every partition is held where it stands), and no end is declared until a read succeeds.
 
 **The end** (``--until-end``) is where the replay reached, on every partition, the live
 group's committed offset (everything the live consumer stored), or, for partitions the live
@@ -46,7 +48,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from reid.embedder import Embedder
 from sinks.cache import CentroidCache
@@ -111,6 +120,8 @@ class Replayer:
         self._pool: ThreadPoolExecutor | None = None
         self._batch: ReplayBatch | None = None  # set by start()
         self._partitions: list[int] = []
+        self._caps: dict[int, int] | None = None  # the live group's offsets, last read
+        self._caps_fresh = True  # False while reading them fails
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,7 +250,7 @@ class Replayer:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_cap:
-                caps = self._live_caps()
+                caps = self._live_caps(positions)
                 ends = self._ends(caps)
                 next_cap = now + CAP_REFRESH_S
                 release = [p for p in held if caps is None or caps[p] > positions[p]]
@@ -251,7 +262,8 @@ class Replayer:
             bar.total = stats.events + remaining
             bar.update(stats.events - bar.n)
             quiet = empty_since is not None and time.monotonic() - empty_since >= self.idle_s
-            if until_end and remaining == 0 and quiet:
+            # Not at an end read from stale caps: the live group may have moved on.
+            if until_end and remaining == 0 and quiet and self._caps_fresh:
                 stats.reached_end = True
                 break
             batch = self._window(positions, caps, held)
@@ -298,23 +310,39 @@ class Replayer:
             out[p] = offset
         return out
 
-    def _live_caps(self) -> dict[int, int] | None:
+    def _live_caps(self, positions: dict[int, int]) -> dict[int, int] | None:
         """The live group's committed offset per partition (0 where it committed none: it
         stored nothing there), or None when the live group has committed nothing at all (or
-        the replay does not follow it): then nothing is held back."""
+        the replay does not follow it): then nothing is held back.
+
+        A failed read never releases the hold (the replay would commit past events that are
+        not stored yet, and a re-run would not revisit them): it keeps the last caps read,
+        or, before any, holds every partition where the replay stands. Caps never move back
+        (events below a cap once read are stored, whatever the group's offsets say later)."""
         if self._live is None:
             return None
         try:
             committed = self._live.committed(
                 [TopicPartition(self.topic, p) for p in self._partitions], timeout=10
             )
-        except Exception as err:  # the broker is unreachable: keep going, re-read soon
-            log.warning("replay: cannot read the live group's offsets: %s", err)
+            failed = [tp for tp in committed if tp.error is not None]
+            if failed:
+                raise KafkaException(failed[0].error)
+        except Exception as err:  # the broker is unreachable: hold, re-read soon
+            self._caps_fresh = False
+            kept = self._caps if self._caps is not None else dict(positions)
+            log.warning(
+                "replay: cannot read the live group's offsets (%s); holding at %s (%s)", err,
+                _fmt_offsets(kept), "the last known" if self._caps is not None else "here",
+            )  # fmt: skip
+            return kept
+        self._caps_fresh = True
+        read = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+        if not read and self._caps is None:
             return None
-        caps = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
-        if not caps:
-            return None
-        return {p: caps.get(p, 0) for p in self._partitions}
+        last = self._caps or {}
+        self._caps = {p: max(read.get(p, 0), last.get(p, 0)) for p in self._partitions}
+        return dict(self._caps)
 
     def _ends(self, caps: dict[int, int] | None) -> dict[int, int]:
         """Where the replay is done per partition: the live cap, else the end offset."""
