@@ -195,7 +195,8 @@ class VersionRegistry:
         another would deadlock against concurrent batch writes. A session advisory lock
         keeps two processes from building the same index at once.
         """
-        with self._store.session("ensure_indexes") as conn:
+        # Unbounded: a build over a large history takes minutes, or waits for another's.
+        with self._store.session("ensure_indexes", unbounded=True) as conn:
             present = {
                 r[0]
                 for r in conn.execute(

@@ -87,8 +87,16 @@ class PgStore(PgConnection):
     ``curation`` (merge, split, move, confirm: ``sinks.curation``) share its connection.
     """
 
-    def __init__(self, dsn: str, *, dim: int = 512, connect_timeout: float = 5.0) -> None:
-        super().__init__(dsn, connect_timeout=connect_timeout)
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        dim: int = 512,
+        connect_timeout: float | None = None,
+        call_timeout_s: float | None = None,
+    ) -> None:
+        # Timeouts left None: the process's (sinks.pg.set_default_timeouts, from settings).
+        super().__init__(dsn, connect_timeout=connect_timeout, call_timeout_s=call_timeout_s)
         self.dim = dim
         self.registry = VersionRegistry(self)
         self.history = History(self, self.registry, dim=dim)
