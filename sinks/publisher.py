@@ -10,9 +10,10 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +24,58 @@ _EQUIVALENT = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
 _DEFAULTS = {"linger.ms": 5}
 BUFFER_FULL_WAIT_S = 30.0
 ERROR_LOG_INTERVAL_S = 30.0
+# Errors that refuse one message for what it is (too large for the producer's
+# message.max.bytes or the topic's max.message.bytes, or malformed): sending it again fails
+# again, so they are never retried as they are (MessageRejected).
+PERMANENT_CODES = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
 
 
 class PublishError(RuntimeError):
     """Some events sent since the last ``flush_confirmed`` were not acknowledged by the broker."""
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """One message refused for good: its topic, the ``tag`` given to ``send``, the error."""
+
+    topic: str
+    tag: object
+    code: int
+    error: str
+
+
+class MessageRejected(PublishError):
+    """Some messages sent since the last ``flush_confirmed`` were refused for what they are
+    (``rejected``; see PERMANENT_CODES). Sending them again as they are fails again: the
+    caller sends something smaller instead (a truncated dead letter) or gives up on them.
+    Other messages of the generation may have failed too (``unconfirmed`` counts all)."""
+
+    def __init__(self, rejected: list[Rejection], unconfirmed: int, sent: int) -> None:
+        first = rejected[0]
+        super().__init__(
+            f"publisher: {len(rejected)} message(s) rejected ({unconfirmed} of {sent} not "
+            f"acknowledged); first: {first.topic}: {first.error}"
+        )
+        self.rejected = rejected
+        self.unconfirmed = unconfirmed
+
+
+@dataclass
 class _Outstanding:
     """Deliveries of one generation (the messages sent since the last flush_confirmed)."""
 
-    def __init__(self) -> None:
-        self.sent = 0
-        self.acked = 0
-        self.failed = 0
-        self.first_error: str | None = None
+    sent: int = 0
+    acked: int = 0
+    failed: int = 0
+    first_error: str | None = None
+    rejected: list[Rejection] = field(default_factory=list)
 
 
 class KafkaPublisher:
@@ -85,15 +124,18 @@ class KafkaPublisher:
         key: bytes | str | None,
         value: bytes,
         headers: list[tuple[str, bytes]] | None = None,
+        *,
+        tag: object = None,
     ) -> None:
-        """Queue one event; its delivery is checked by the next ``flush_confirmed``."""
+        """Queue one event; its delivery is checked by the next ``flush_confirmed``. ``tag``
+        names it in a MessageRejected (e.g. the source message of a dead letter)."""
         producer = self._ready()
         with self._lock:
             generation = self._current
             generation.sent += 1
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
-            self._on_delivery(generation, topic, err)
+            self._on_delivery(generation, topic, err, tag)
 
         deadline = time.monotonic() + BUFFER_FULL_WAIT_S
         while True:
@@ -102,6 +144,13 @@ class KafkaPublisher:
                     topic, value=value, key=key, headers=headers, on_delivery=delivered
                 )
                 break
+            except KafkaException as err:
+                # librdkafka checks message.max.bytes in produce() itself, before any broker
+                # sees the message: the same refusal as the broker's, reported the same way.
+                if err.args[0].code() not in PERMANENT_CODES:
+                    raise
+                self._on_delivery(generation, topic, err.args[0], tag)
+                return
             except BufferError:
                 # The local queue is full: serve delivery reports to make room, then retry.
                 if time.monotonic() > deadline:
@@ -129,9 +178,12 @@ class KafkaPublisher:
         if unconfirmed == 0:
             return
         log.error(
-            "publisher: unconfirmed=%d of sent=%d failed=%d in_flight=%d first_error=%s",
-            unconfirmed, sent, failed, remaining, first,
+            "publisher: unconfirmed=%d of sent=%d failed=%d rejected=%d in_flight=%d "
+            "first_error=%s", unconfirmed, sent, failed, len(generation.rejected), remaining,
+            first,
         )  # fmt: skip
+        if generation.rejected:
+            raise MessageRejected(generation.rejected, unconfirmed, sent)
         raise PublishError(
             f"publisher: {unconfirmed} of {sent} message(s) not acknowledged "
             f"({failed} failed, {remaining} still in flight after {timeout:.1f}s); "
@@ -155,13 +207,19 @@ class KafkaPublisher:
         return self._producer
 
     def _on_delivery(
-        self, generation: _Outstanding, topic: str, err: KafkaError | str | None
+        self,
+        generation: _Outstanding,
+        topic: str,
+        err: KafkaError | str | None,
+        tag: object = None,
     ) -> None:
         with self._lock:
             if err is None:
                 generation.acked += 1
                 return
             generation.failed += 1
+            if isinstance(err, KafkaError) and err.code() in PERMANENT_CODES:
+                generation.rejected.append(Rejection(topic, tag, err.code(), err.str()))
             if generation.first_error is None:
                 generation.first_error = f"{topic}: {err}"
             first = generation.failed == 1

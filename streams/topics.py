@@ -65,7 +65,8 @@ def _warn_small_limit(admin: AdminClient, names: list[str], config: dict[str, st
             if entry is not None and entry.value is not None and int(entry.value) < wanted:
                 log.warning(
                     "topics: %s has max.message.bytes=%s, below the %d that "
-                    "REID_MAX_MESSAGE_BYTES needs; larger events are refused by the broker. "
+                    "REID_MAX_MESSAGE_BYTES (or, for the dead-letter topic, the input topic) "
+                    "needs; larger events are refused by the broker. "
                     "Raise it: kafka-configs.sh --alter --entity-type topics --entity-name %s "
                     "--add-config max.message.bytes=%d",
                     resource.name, entry.value, wanted, resource.name, wanted,
@@ -78,12 +79,45 @@ def ensure_stream_topics(
     settings: Settings, names: list[str], partitions: int | None = None
 ) -> None:
     """:func:`ensure_topics` with the settings' partitions, replication factor,
-    ``min.insync.replicas`` and a ``max.message.bytes`` that admits ``REID_MAX_MESSAGE_BYTES``."""
-    ensure_topics(
-        settings.kafka_common(), names,
-        settings.topic_partitions if partitions is None else partitions,
-        replication_factor=settings.topic_replication_factor, config=settings.topic_config(),
-    )  # fmt: skip
+    ``min.insync.replicas`` and a ``max.message.bytes`` that admits ``REID_MAX_MESSAGE_BYTES``.
+
+    The dead-letter topic gets at least the input topic's ``max.message.bytes`` (an input
+    topic made by hand may admit more than the stream's limit; its dead letters are the
+    original events), and an existing one below that is reported."""
+    config = settings.topic_config()
+    dead = [n for n in names if n == settings.topic_dead_letters]
+    rest = [n for n in names if n != settings.topic_dead_letters]
+    kafka = settings.kafka_common()
+    count = settings.topic_partitions if partitions is None else partitions
+    rf = settings.topic_replication_factor
+    if rest:
+        ensure_topics(kafka, rest, count, replication_factor=rf, config=config)
+    if dead:
+        wanted = int(config["max.message.bytes"])
+        source = topic_limit(kafka, settings.topic_detections)
+        if source is not None and source > wanted:
+            log.info(
+                "topics: %s gets max.message.bytes=%d, the input topic %s's",
+                dead[0], source, settings.topic_detections,
+            )  # fmt: skip
+            wanted = source
+        dead_config = {**config, "max.message.bytes": str(wanted)}
+        ensure_topics(kafka, dead, count, replication_factor=rf, config=dead_config)
+
+
+def topic_limit(kafka_config: dict[str, Any], name: str) -> int | None:
+    """The topic's ``max.message.bytes`` (its own or the broker's default); None when the
+    topic does not exist or the broker cannot say (no describe_configs)."""
+    admin = AdminClient(with_kafka_logger(kafka_config))
+    try:
+        if name not in admin.list_topics(timeout=10).topics:
+            return None
+        (future,) = admin.describe_configs([ConfigResource("topic", name)]).values()
+        entry = future.result(timeout=10).get("max.message.bytes")
+        return int(entry.value) if entry is not None and entry.value is not None else None
+    except (KafkaException, ValueError, TimeoutError) as err:
+        log.debug("topics: cannot read %s's max.message.bytes: %s", name, err)
+        return None
 
 
 def read_topic(

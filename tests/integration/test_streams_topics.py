@@ -53,3 +53,30 @@ def test_an_existing_topic_is_left_alone_and_a_small_limit_reported(
     assert topic_config(kafka_bootstrap, name)["max.message.bytes"] == "1048588"
     (warning,) = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert "max.message.bytes=1048588" in warning and "REID_MAX_MESSAGE_BYTES" in warning
+
+
+def test_the_dead_letter_topic_admits_what_the_input_topic_admits(
+    kafka_bootstrap, unique, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An input topic made by hand with a larger limit than the stream's: its events, too large
+    # for the stream, are dead-lettered as they are, so the dead-letter topic must take them.
+    detections, dead = f"big-in-{unique}", f"big-in-{unique}.dlq"
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, [detections], 1,
+                  config={"max.message.bytes": "5000000"})  # fmt: skip
+    settings = load_settings(
+        kafka_bootstrap_servers=kafka_bootstrap, topic_detections=detections,
+        topic_dead_letters=dead, topic_partitions=1, max_message_bytes=1_000,
+    )  # fmt: skip
+    assert settings.message_limit_bytes() < 5_000_000
+    ensure_stream_topics(settings, [detections, dead])
+    assert topic_config(kafka_bootstrap, dead)["max.message.bytes"] == "5000000"
+    assert topic_config(kafka_bootstrap, detections)["max.message.bytes"] == "5000000"
+    # An existing dead-letter topic below the input topic's limit is reported.
+    small = f"small-dlq-{unique}"
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, [small], 1,
+                  config={"max.message.bytes": "1048588"})  # fmt: skip
+    settings = settings.model_copy(update={"topic_dead_letters": small})
+    with caplog.at_level(logging.WARNING, logger="streams.topics"):
+        ensure_stream_topics(settings, [detections, small])
+    (warning,) = [r.getMessage() for r in caplog.records if small in r.getMessage()]
+    assert "max.message.bytes=1048588" in warning and "5000000" in warning

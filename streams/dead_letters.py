@@ -1,0 +1,156 @@
+"""The record a dead letter is published as: the original key and bytes when they fit, else a
+truncated record whose headers say so (docs/events.md#dead-letters-topic-detectionsdlq).
+
+A dead letter that the producer or the topic refuses would be retried for ever and stall its
+partition (issue 13): so it must always fit. ``dead_letter_record`` keeps the original when
+the whole record fits ``limit_bytes`` (the producer's ``message.max.bytes``), else sends the
+first bytes of the value, its size and sha256, and, with ``keep_dir``
+(``REID_DEAD_LETTER_DIR``), the whole original written there as ``<sha256>.bin``. When the
+broker refuses even that (a dead-letter topic with a smaller ``max.message.bytes`` than the
+input topic), the caller asks again with ``minimal=True``: a stub of a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streams.events import InvalidEvent, dead_letter_headers
+
+if TYPE_CHECKING:
+    from streams.batch import SourceMessage
+    from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# librdkafka counts a record as its key, value and headers plus framing: a v2 record batch
+# header (61 bytes), varints per record and per header. Generous, so a record that passes
+# here passes its check (tests/unit/test_streams_dead_letters.py proves it with a producer).
+RECORD_OVERHEAD = 512
+HEADER_OVERHEAD = 16
+# A truncated dead letter keeps this much of the value at most: enough to see what the event
+# was, small enough for a dead-letter topic with Kafka's default limit (about 1 MB).
+PREVIEW_BYTES = 64 * 1024
+# A longer key is cut too (keys are ids; one this long is part of the problem).
+KEY_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    truncated: bool = False
+    stored: Path | None = None  # where the original was kept, if it was
+
+
+def record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """An upper bound of what the producer's size check counts for one record."""
+    return (
+        RECORD_OVERHEAD + len(key or b"") + len(value)
+        + sum(len(k.encode()) + len(v) + HEADER_OVERHEAD for k, v in headers)
+    )  # fmt: skip
+
+
+def dead_letter_limit(settings: Settings) -> int:
+    """The producer's ``message.max.bytes`` (``REID_KAFKA_OPTIONS`` may set it lower)."""
+    return int(settings.producer_config()["message.max.bytes"])
+
+
+def dead_letter_record(
+    message: SourceMessage,
+    err: InvalidEvent,
+    failed_at: datetime,
+    *,
+    limit_bytes: int,
+    keep_dir: Path | None = None,
+    minimal: bool = False,
+) -> DeadLetterRecord:
+    """The (key, value, headers) to publish for ``message``, dead-lettered for ``err``.
+
+    The original when the record fits ``limit_bytes`` (and not ``minimal``); else truncated,
+    with the headers ``dlq.truncated=true``, ``dlq.original.size``, ``dlq.original.sha256``,
+    ``dlq.original.key.size`` (when the key was cut) and ``dlq.original.stored`` (the file
+    under ``keep_dir`` holding the original value, when it could be written)."""
+    key, value = message.key, message.value or b""
+    headers = dead_letter_headers(
+        err.reason, err.detail, message.topic, message.partition, message.offset, failed_at
+    )
+    if not minimal and record_size(key, value, headers) <= limit_bytes:
+        return DeadLetterRecord(key, value, headers)
+
+    digest = hashlib.sha256(value).hexdigest()
+    extra = [
+        ("dlq.truncated", b"true"),
+        ("dlq.original.size", str(len(value)).encode()),
+        ("dlq.original.sha256", digest.encode()),
+    ]
+    if key is not None and len(key) > KEY_BYTES:
+        extra.append(("dlq.original.key.size", str(len(key)).encode()))
+        key = key[:KEY_BYTES]
+    stored = keep_original(keep_dir, value, digest) if keep_dir is not None else None
+    if stored is not None:
+        extra.append(("dlq.original.stored", str(stored).encode()))
+    elif keep_dir is not None:
+        extra.append(("dlq.original.stored", b""))  # asked for, but could not be written
+    headers = headers + extra
+    if minimal:
+        stub = {"dlq_truncated": True, "original_size": len(value), "original_sha256": digest}
+        body = json.dumps(stub, separators=(",", ":")).encode()
+    else:
+        room = limit_bytes - record_size(key, b"", headers)
+        body = value[: max(0, min(PREVIEW_BYTES, room))]
+    log.warning(
+        "dead letter truncated: topic=%s partition=%d offset=%d size=%d sha256=%s stored=%s",
+        message.topic, message.partition, message.offset, len(value), digest, stored or "-",
+    )  # fmt: skip
+    return DeadLetterRecord(key, body, headers, truncated=True, stored=stored)
+
+
+def keep_original(folder: Path, value: bytes, digest: str) -> Path | None:
+    """Write ``value`` atomically to ``<folder>/<digest>.bin`` (kept if it is there already:
+    the name is its content); None, logged, when it cannot be written: a full disk must not
+    stall the stream, the dead letter goes out without it."""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError("digest must be a sha256 in hex")  # the name must stay in the folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder.resolve() / f"{digest}.bin"
+        if target.is_file() and target.stat().st_size == len(value):
+            return target
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{digest}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(value)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return target
+    except OSError as err:
+        log.error("dead letter: cannot keep the original in %s: %s", folder, err)
+        return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (a crash after it must not lose the file's name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
