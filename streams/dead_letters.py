@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 from streams.events import InvalidEvent, dead_letter_headers
 
 if TYPE_CHECKING:
+    from sinks.publisher import KafkaPublisher, MessageRejected
     from streams.batch import SourceMessage
     from streams.settings import Settings
 
@@ -112,6 +114,61 @@ def dead_letter_record(
         message.topic, message.partition, message.offset, len(value), digest, stored or "-",
     )  # fmt: skip
     return DeadLetterRecord(key, body, headers, truncated=True, stored=stored)
+
+
+class DeadLetterSender:
+    """Sends a batch's dead letters as records that fit, and recovers from a broker's refusal.
+
+    In the processor's publish stage::
+
+        self.dead_letters.send(outcome.dead_letters, failed_at)
+        ...  # the assignment events
+        try:
+            self.publisher.flush_confirmed(timeout=30.0)
+        except MessageRejected as err:
+            if not self.dead_letters.resend_minimal(err, outcome.dead_letters, failed_at):
+                raise  # a PublishError: the batch is retried
+            self.publisher.flush_confirmed(timeout=30.0)
+    """
+
+    def __init__(self, publisher: KafkaPublisher, settings: Settings) -> None:
+        self.publisher = publisher
+        self.topic = settings.topic_dead_letters
+        self.limit_bytes = dead_letter_limit(settings)
+        self.keep_dir = settings.dead_letter_dir
+
+    def send(
+        self, dead_letters: Sequence[tuple[SourceMessage, InvalidEvent]], failed_at: datetime
+    ) -> None:
+        """Queue each dead letter (tagged with its source message); the caller flushes."""
+        for message, err in dead_letters:
+            record = dead_letter_record(
+                message, err, failed_at, limit_bytes=self.limit_bytes, keep_dir=self.keep_dir
+            )
+            self.publisher.send(self.topic, record.key, record.value, record.headers, tag=message)
+
+    def resend_minimal(
+        self,
+        rejected: MessageRejected,
+        dead_letters: Sequence[tuple[SourceMessage, InvalidEvent]],
+        failed_at: datetime,
+    ) -> bool:
+        """After ``flush_confirmed`` raised ``rejected``: when the only failures were refusals
+        of these dead letters, queue their minimal stubs and return True (the caller flushes
+        again; everything else was acknowledged). Else False: something else failed too (an
+        outage, an assignment event refused), and the caller retries the batch as usual (a
+        retry converges: once the outage is over, only the refusals are left)."""
+        errors = {message: err for message, err in dead_letters}
+        refused = [r.tag for r in rejected.rejected if r.topic == self.topic and r.tag in errors]
+        if len(refused) != len(rejected.rejected) or rejected.unconfirmed != len(refused):
+            return False
+        for message in refused:
+            stub = dead_letter_record(
+                message, errors[message], failed_at, limit_bytes=self.limit_bytes,  # type: ignore[index]
+                keep_dir=self.keep_dir, minimal=True,
+            )  # fmt: skip
+            self.publisher.send(self.topic, stub.key, stub.value, stub.headers, tag=message)
+        return True
 
 
 def keep_original(folder: Path, value: bytes, digest: str) -> Path | None:

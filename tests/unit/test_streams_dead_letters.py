@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from sinks.publisher import KafkaPublisher, MessageRejected, PublishError
+from sinks.publisher import KafkaPublisher, MessageRejected, PublishError, Rejection
 from streams.batch import SourceMessage
 from streams.dead_letters import (
     PREVIEW_BYTES,
+    DeadLetterSender,
     dead_letter_limit,
     dead_letter_record,
     keep_original,
@@ -201,3 +202,49 @@ def test_truncated_headers_match_the_schema(tmp_path: Path) -> None:
         check.validate({k: v.decode() for k, v in record.headers})
     bad = {k: v.decode() for k, v in record.headers} | {"dlq.original.sha256": "xyz"}
     assert not check.is_valid(bad)
+
+
+# -- the processor's building block --------------------------------------------------------
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes, dict[str, bytes], object]] = []
+
+    def send(self, topic, key, value, headers=None, *, tag=None) -> None:
+        self.sent.append((topic, key, value, dict(headers or []), tag))
+
+
+def rejection(tag: object, topic: str = "detections.dlq") -> Rejection:
+    return Rejection(topic, tag, KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+
+
+def test_the_sender_truncates_what_does_not_fit_and_falls_back_to_stubs(tmp_path: Path) -> None:
+    settings = load_settings(max_message_bytes=300_000, dead_letter_dir=tmp_path)
+    publisher = FakePublisher()
+    sender = DeadLetterSender(publisher, settings)  # type: ignore[arg-type]
+    big, small = source(b"b" * 1_200_000), SourceMessage("detections", 1, 5, None, b"{}")
+    bad_json = InvalidEvent("bad_json", "not JSON")
+    letters = [(big, TOO_LARGE), (small, bad_json)]
+    sender.send(letters, FAILED_AT)
+    (t1, _, v1, h1, tag1), (t2, _, v2, h2, tag2) = publisher.sent
+    assert (t1, t2, tag1, tag2) == ("detections.dlq", "detections.dlq", big, small)
+    assert h1["dlq.truncated"] == b"true" and len(v1) == PREVIEW_BYTES
+    assert Path(h1["dlq.original.stored"].decode()).read_bytes() == big.value
+    assert v2 == b"{}" and "dlq.truncated" not in h2
+    # The topic refused the small one (its own max.message.bytes): a stub instead.
+    publisher.sent.clear()
+    refused = MessageRejected([rejection(small)], unconfirmed=1, sent=2)
+    assert sender.resend_minimal(refused, letters, FAILED_AT)
+    ((_, _, stub, headers, tag),) = publisher.sent
+    assert tag is small and json.loads(stub)["original_size"] == 2
+    assert headers["dlq.reason"] == b"bad_json"
+
+
+def test_the_sender_leaves_other_failures_to_the_batch_retry() -> None:
+    sender = DeadLetterSender(FakePublisher(), load_settings())  # type: ignore[arg-type]
+    message = source(b"x")
+    letters = [(message, TOO_LARGE)]
+    also_timed_out = MessageRejected([rejection(message)], unconfirmed=2, sent=3)
+    assignment = MessageRejected([rejection(None, topic="assignments")], unconfirmed=1, sent=3)
+    assert not sender.resend_minimal(also_timed_out, letters, FAILED_AT)
+    assert not sender.resend_minimal(assignment, letters, FAILED_AT)
+    assert sender.publisher.sent == []
