@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from sinks.pg import PgConnection
+from sinks.pg import NEW_DEER_LOCK_KEY, PgConnection
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,9 @@ class VersionRegistry:
         ``threshold``, set the version's own threshold in the same transaction."""
         with self._store.session("activate_version") as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (VERSIONS_LOCK_KEY,))
+            # Ordered with every deer creation (sinks.store checks the active version under
+            # this lock): a deer is made either before the switch or under the new version.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_DEER_LOCK_KEY,))
             if _version(conn, version) is None:
                 raise ValueError(f"embedding version {version!r} is not registered")
             if threshold is not None:

@@ -35,9 +35,21 @@ from sinks.pg import NEW_DEER_LOCK_KEY, PgConnection, StoreUnavailable, centroid
 from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow, StoredAssignment
 from sinks.registry import VersionRegistry
 
-__all__ = ["NEW_DEER_LOCK_KEY", "Merge", "PgStore", "Replan", "StoreUnavailable"]
+__all__ = ["NEW_DEER_LOCK_KEY", "Merge", "NewDeerDeferred", "PgStore", "Replan", "StoreUnavailable"]
 
 log = logging.getLogger(__name__)
+
+
+class NewDeerDeferred(RuntimeError):
+    """A batch may not create deer yet; nothing was written. Either its version is not the
+    active one (``active`` names the one that is: the batch is to be embedded again under it),
+    or a deer created moments ago under another version has no centroid of the batch's
+    version yet, so the batch cannot tell whether its animal is that deer (``active`` is
+    None: wait for the replay that fills it in)."""
+
+    def __init__(self, message: str, *, active: str | None = None) -> None:
+        super().__init__(message)
+        self.active = active
 
 
 Merge = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
@@ -153,6 +165,7 @@ class PgStore(PgConnection):
         *,
         known_deer_ids: Sequence[int] | None = None,
         replan: Replan | None = None,
+        version_gap_s: float = 0.0,
     ) -> BatchWriteResult:
         """Store a batch of assigned detections and update the deer, in one transaction.
 
@@ -160,6 +173,10 @@ class PgStore(PgConnection):
         lock; holding it, the deer of this version missing from ``known_deer_ids`` (created by
         others since the caller looked, or absent from its cache) are handed to ``replan``,
         whose plan is written instead, so one animal never becomes two deer.
+
+        Deer are created only under the active version, and not while a deer created in
+        the last ``version_gap_s`` seconds under another version lacks a centroid of this one:
+        both raise NewDeerDeferred (a version switch must not make two deer of one animal).
 
         Rows whose ``detection_id`` is already stored are left as they are: they add no
         sighting and their result is the stored row. ``merge(centroid, count, vectors)`` is
@@ -175,6 +192,7 @@ class PgStore(PgConnection):
         with self.session("write_batch") as conn, conn.transaction():
             if new_deer_count > 0:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_DEER_LOCK_KEY,))
+                self._may_create_deer(conn, embedding_version, version_gap_s)
                 if replan is not None and known_deer_ids is not None:
                     others = self._deer_unknown_to(conn, embedding_version, known_deer_ids)
                     if others:
@@ -229,6 +247,32 @@ class PgStore(PgConnection):
                         f"detection {row.detection_id}: {name} must be {self.dim} finite "
                         f"floats, got shape {vector.shape}"
                     )
+
+    @staticmethod
+    def _may_create_deer(conn: psycopg.Connection[Any], version: str, gap_s: float) -> None:
+        """Raise NewDeerDeferred unless a batch of ``version`` may create deer now (called
+        holding the new-deer lock, which ``activate`` takes too)."""
+        row = conn.execute(
+            "SELECT version FROM embedding_versions WHERE state = 'active'"
+        ).fetchone()
+        if row is not None and row[0] != version:
+            raise NewDeerDeferred(
+                f"store: {version} is no longer the active embedding version ({row[0]} is); "
+                "new deer wait for the switch", active=row[0],
+            )  # fmt: skip
+        if gap_s <= 0:
+            return
+        unseen = conn.execute(
+            "SELECT count(*) FROM deer d WHERE d.created_at > now() - make_interval(secs => %s) "
+            "AND NOT EXISTS (SELECT 1 FROM deer_centroids c "
+            "WHERE c.deer_id = d.id AND c.embedding_version = %s)",
+            (gap_s, version),
+        ).fetchone()
+        if unseen and unseen[0]:
+            raise NewDeerDeferred(
+                f"store: {unseen[0]} deer created in the last {gap_s:g}s under another version "
+                f"have no {version} centroid yet; new deer wait for the replay to fill them in"
+            )
 
     @staticmethod
     def _deer_unknown_to(

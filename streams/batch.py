@@ -74,6 +74,13 @@ class PreparedBatch:
     embedder: Embedder | None = None  # the one that embeds it (its version is the batch's)
     pixels: torch.Tensor | None = None  # uint8 [n, 3, H, W] of the decoded firsts, by row
     vectors: Embeddings | None = None
+    # Set by finish when it bisects the batch (streams.poison): what is already written or
+    # dead-lettered, by (topic, partition, offset), and what that did.
+    settled: set[tuple[str, int, int]] = field(default_factory=set)
+    partial: BatchOutcome | None = None
+    # An image could not be read for a reason that is not the event's (streams.images):
+    # finish prepares the batch again, and retries like an outage while that keeps failing.
+    unavailable: Exception | None = None
 
     @property
     def partitions(self) -> set[tuple[str, int]]:

@@ -83,8 +83,9 @@ def dead_letter_record(
     under ``keep_dir`` holding the original value, when it could be written)."""
     key, value = message.key, message.value or b""
     headers = dead_letter_headers(
-        err.reason, err.detail, message.topic, message.partition, message.offset, failed_at
-    )
+        err.reason, err.detail, message.topic, message.partition, message.offset, failed_at,
+        err.exception,
+    )  # fmt: skip
     if not minimal and record_size(key, value, headers) <= limit_bytes:
         return DeadLetterRecord(key, value, headers)
 

@@ -54,7 +54,8 @@ class InvalidEvent(ValueError):
     @classmethod
     def unprocessable(cls, err: BaseException) -> InvalidEvent:
         kind = type(err)
-        return cls("unprocessable", f"{kind.__name__}: {err}"[:2000],
+        first_line = str(err).strip().split("\n", 1)[0]  # psycopg's DETAIL quotes the row
+        return cls("unprocessable", f"{kind.__name__}: {first_line}"[:500],
                    exception=f"{kind.__module__}.{kind.__qualname__}")  # fmt: skip
 
 

@@ -12,40 +12,39 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-import torch
+from confluent_kafka import KafkaException
 
 from reid.embedder import Embedder, Embeddings
-from reid.gpu_decode import decode_crops
 from reid.matching import Gallery, assign_batch, merge_centroid
 from sinks.metrics import StreamMetrics
-from sinks.publisher import KafkaPublisher
+from sinks.publisher import KafkaPublisher, MessageRejected, PublishError
 from sinks.records import DeerCentroid, DetectionRow, StoredAssignment
-from sinks.store import PgStore
+from sinks.store import NewDeerDeferred, PgStore, StoreUnavailable
+from streams import poison
 from streams.batch import BatchOutcome, PendingEvent, PreparedBatch, SourceMessage
+from streams.dead_letters import DeadLetterSender
+from streams.decoding import BatchDecoder
 from streams.events import (
     InvalidEvent,
     assignment_event,
-    dead_letter_headers,
-    parse_detection,
 )
 from streams.gallery import GalleryLoader
-from streams.images import (
-    ImageRoots,
-    ThumbnailSpec,
-    crop_with_thumbnail,
-    image_bytes,
-    thumbnail_from_bytes,
-)
+from streams.images import ImageSourceUnavailable
 from streams.rows import count_flags, detection_rows
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What retries a batch (the runners' policy, streams.runners.retry): the database, the broker,
+# or a version switch under way. Anything else one event causes is dead-lettered.
+DEPENDENCY_FAILURES: tuple[type[Exception], ...] = (
+    StoreUnavailable, NewDeerDeferred, PublishError, KafkaException, BufferError,
+    ImageSourceUnavailable,
+)  # fmt: skip
 
 
 class BatchProcessor:
@@ -74,26 +73,18 @@ class BatchProcessor:
         self.gallery = gallery
         self.publisher = publisher
         self.metrics = metrics
-        self.roots = ImageRoots(settings.image_roots)
-        self.thumbnail = (
-            ThumbnailSpec(settings.thumbnail_px, settings.thumbnail_max_bytes)
-            if settings.thumbnail_px
-            else None
-        )
-        self._pool: ThreadPoolExecutor | None = None
+        self.decoder = BatchDecoder(settings, metrics)
+        self.dead_letters = DeadLetterSender(publisher, settings)
         self._batches = itertools.count(1)
         # Per embedding version, its own threshold from the registry (kept current by
         # streams.versions.VersionSwitch); a version without one uses REID_THRESHOLD.
         self.thresholds: dict[str, float] = {}
 
     def start(self) -> None:
-        workers = self.settings.decode_workers or max(1, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self.decoder.start()
 
     def stop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self.decoder.stop()
 
     # -- the batch ------------------------------------------------------------------------
     def process(self, messages: Sequence[SourceMessage]) -> BatchOutcome:
@@ -106,9 +97,7 @@ class BatchProcessor:
         # Pinned here: the batch is decoded for this model's input and embedded by it.
         batch.embedder = self.embedder
         if messages:
-            self._parse(batch)
-            self._decode(batch)
-            self._stack(batch)
+            self.decoder.fill(batch)
         return batch
 
     def embed(self, batch: PreparedBatch) -> PreparedBatch:
@@ -121,8 +110,77 @@ class BatchProcessor:
         return batch
 
     def finish(self, batch: PreparedBatch) -> BatchOutcome:
-        """Match, write and publish an embedded batch. Raises StoreUnavailable or
-        PublishError when the database or the broker fails; calling it again is safe."""
+        """Match, write and publish an embedded batch.
+
+        Raises one of DEPENDENCY_FAILURES when the database or the broker fails; nothing of
+        the failed part is committed and calling it again with the same batch is safe.
+        Whatever else an event makes fail is that event's problem: the batch is bisected
+        (``streams.poison``), the event dead-lettered as ``unprocessable``, the rest written.
+        A batch that may not create deer because the version switched is embedded again
+        under the new version, once the runner has switched the processor to it.
+        """
+        if batch.unavailable is not None:  # an image read failed for a passing reason
+            self._embed_again(batch)
+            if batch.unavailable is not None:
+                raise batch.unavailable
+        while True:
+            try:
+                self._settle(batch, poison.pending(batch, poison.units_of(batch)))
+                break
+            except NewDeerDeferred as err:
+                if err.active is None or err.active != self.embedder.embedding_version:
+                    raise  # not switched yet (or waiting for a replay): retried by the runner
+                self._embed_again(batch)
+        outcome = batch.partial or BatchOutcome(batch.batch_id, messages=len(batch.messages))
+        self._count(outcome)
+        self._log(batch, outcome)
+        return outcome
+
+    def _settle(self, batch: PreparedBatch, units: list[poison.Unit]) -> None:
+        """Finish ``units`` of the batch together; bisect them when that fails."""
+        if not units:
+            return
+        try:
+            part = self._finish_part(poison.part_of(batch, units))
+        except DEPENDENCY_FAILURES:
+            raise
+        except Exception as err:
+            self._bisect(batch, units, err)
+        else:
+            poison.settle(batch, units, part)
+
+    def _bisect(self, batch: PreparedBatch, units: list[poison.Unit], err: Exception) -> None:
+        if len(units) > 1:
+            log.warning("batch %d: %d events failed together (%s: %s); bisecting",
+                        batch.batch_id, len(units), type(err).__name__, err)  # fmt: skip
+            half = len(units) // 2
+            self._settle(batch, units[:half])
+            self._settle(batch, units[half:])
+            return
+        try:  # a second chance: only an event that keeps failing is dead-lettered
+            part = self._finish_part(poison.part_of(batch, units))
+        except DEPENDENCY_FAILURES:
+            raise
+        except Exception as again:
+            first = units[0][0]
+            log.error("batch %d: event %s[%d]@%d is unprocessable: %s: %s",
+                      batch.batch_id, first.topic, first.partition, first.offset,
+                      type(again).__name__, again, exc_info=again)  # fmt: skip
+            part = self._finish_part(poison.dead_part(batch, units[0], again))
+        poison.settle(batch, units, part)
+
+    def _embed_again(self, batch: PreparedBatch) -> None:
+        """Prepare and embed the batch's messages again under the processor's embedder."""
+        old = batch.embedder.embedding_version if batch.embedder is not None else "?"
+        log.info("batch %d: preparing and embedding again under %s (was %s)",
+                 batch.batch_id, self.embedder.embedding_version, old)  # fmt: skip
+        fresh = self.embed(self.prepare(batch.messages))
+        for name in ("invalid", "firsts", "repeats", "undecodable", "embedder", "vectors",
+                     "unavailable"):  # fmt: skip
+            setattr(batch, name, getattr(fresh, name))
+
+    def _finish_part(self, batch: PreparedBatch) -> BatchOutcome:
+        """Match, write and publish (part of) a batch, in one transaction and one flush."""
         outcome = BatchOutcome(batch_id=batch.batch_id, messages=len(batch.messages))
         for message, err in batch.invalid:
             self._dead_letter(message, err, outcome)
@@ -151,8 +209,6 @@ class BatchProcessor:
         published += self._settle_repeats(batch.firsts, batch.repeats, rejected, outcome)
 
         self._publish(published, stored, outcome)
-        self._count(outcome)
-        self._log(batch, outcome)
         return outcome
 
     def _log(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
@@ -209,95 +265,6 @@ class BatchProcessor:
                 same.append(item)
         return same
 
-    def _parse(self, batch: PreparedBatch) -> None:
-        """Valid events, first occurrence of each detection_id, and the in-batch repeats."""
-        firsts: dict[str, PendingEvent] = {}
-        for message in batch.messages:
-            try:
-                event = parse_detection(message.value, max_bytes=self.settings.max_message_bytes)
-            except InvalidEvent as err:
-                batch.invalid.append((message, err))
-                continue
-            item = PendingEvent(message, event)
-            if event.detection_id in firsts:
-                batch.repeats.append(item)
-            else:
-                firsts[event.detection_id] = item
-        batch.firsts = list(firsts.values())
-
-    def _decode(self, batch: PreparedBatch) -> None:
-        """Read, decode, crop and resize in the thread pool; failures are kept per event
-        (dead-lettered by ``finish`` unless the event turns out to be stored already)."""
-        assert self._pool is not None and batch.embedder is not None, "start() first"
-        t0 = time.perf_counter()
-        embedder = batch.embedder
-        if self._decode_on_device(embedder):
-            self._decode_on_gpu(batch, embedder)
-        else:
-            preprocess = embedder.preprocess
-            max_pixels = self.settings.max_image_pixels
-            futures = [
-                self._pool.submit(crop_with_thumbnail, p.event, self.roots, preprocess,
-                                  max_pixels=max_pixels, thumbnail=self.thumbnail)
-                for p in batch.firsts
-            ]  # fmt: skip
-            for item, future in zip(batch.firsts, futures, strict=True):
-                try:
-                    item.pixels, item.thumbnail = future.result()
-                except InvalidEvent as err:
-                    batch.undecodable[item.event.detection_id] = err
-        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
-
-    def _stack(self, batch: PreparedBatch) -> None:
-        """One uint8 tensor of the decoded crops, each item knowing its row. For a GPU model it
-        is in pinned memory, so that its copy to the device does not block the host."""
-        assert batch.embedder is not None
-        decoded = [p for p in batch.firsts if p.pixels is not None]
-        if not decoded:
-            return
-        stacked = torch.stack([p.pixels for p in decoded])  # type: ignore[misc]
-        if stacked.device.type == "cpu" and batch.embedder.device.startswith("cuda"):
-            stacked = stacked.pin_memory()
-        for row, item in enumerate(decoded):
-            item.row = row
-            item.pixels = None
-        batch.pixels = stacked
-
-    def _decode_on_device(self, embedder: Embedder) -> bool:
-        mode = self.settings.gpu_decode
-        return mode == "on" or (mode == "auto" and embedder.device.startswith("cuda"))
-
-    def _decode_on_gpu(self, batch: PreparedBatch, embedder: Embedder) -> None:
-        """nvJPEG on the model's device: files are read in the pool, the JPEGs decoded,
-        cropped and resized as one batch on the GPU (others fall back to the CPU path)."""
-        assert self._pool is not None
-        futures = [self._pool.submit(image_bytes, p.event, self.roots) for p in batch.firsts]
-        readable: list[tuple[PendingEvent, bytes]] = []
-        for item, future in zip(batch.firsts, futures, strict=True):
-            try:
-                readable.append((item, future.result()))
-            except InvalidEvent as err:
-                batch.undecodable[item.event.detection_id] = err
-        if not readable:
-            return
-        thumbs = [
-            self._pool.submit(thumbnail_from_bytes, data, item.event.bbox, self.thumbnail,
-                              max_pixels=self.settings.max_image_pixels)
-            for item, data in (readable if self.thumbnail is not None else [])
-        ]  # fmt: skip
-        decoded = decode_crops(
-            [data for _, data in readable], [item.event.bbox for item, _ in readable],
-            embedder.preprocess, device=embedder.device,
-            max_pixels=self.settings.max_image_pixels,
-        )  # fmt: skip
-        for (item, _), thumb in zip(readable, thumbs, strict=False):  # made meanwhile
-            item.thumbnail = thumb.result()
-        for k, index in enumerate(decoded.index):
-            readable[index][0].pixels = decoded.images[k]
-        for index, err in decoded.errors.items():
-            item = readable[index][0]
-            batch.undecodable[item.event.detection_id] = InvalidEvent(err.reason, str(err))
-
     def _match_persist(
         self, batch: PreparedBatch, items: list[PendingEvent], outcome: BatchOutcome
     ) -> dict[str, StoredAssignment]:
@@ -335,6 +302,7 @@ class BatchProcessor:
             result = self.store.write_batch(
                 version, new_deer, rows, merge_centroid,
                 known_deer_ids=known.deer_ids.tolist(), replan=replan,
+                version_gap_s=self.settings.version_gap_s,
             )  # fmt: skip
         self.gallery.put(version, result.centroids)
         self.metrics.known_deer.set(known_count[0] + len(result.new_deer_ids))
@@ -356,21 +324,19 @@ class BatchProcessor:
     ) -> None:
         with self._stage("publish"):
             failed_at = datetime.now(UTC)
-            for message, err in outcome.dead_letters:
-                headers = dead_letter_headers(
-                    err.reason, err.detail, message.topic, message.partition, message.offset,
-                    failed_at,
-                )  # fmt: skip
-                self.publisher.send(
-                    self.settings.topic_dead_letters, message.key, message.value or b"", headers
-                )
+            self.dead_letters.send(outcome.dead_letters, failed_at)
             for item in items:
                 saved = stored.get(item.event.detection_id)
                 if saved is not None:
                     self.publisher.send(
                         self.settings.topic_assignments, str(saved.deer_id), assignment_event(saved)
                     )
-            self.publisher.flush_confirmed(timeout=30.0)
+            try:
+                self.publisher.flush_confirmed(timeout=30.0)
+            except MessageRejected as err:  # a dead letter too large for the broker's topic
+                if not self.dead_letters.resend_minimal(err, outcome.dead_letters, failed_at):
+                    raise
+                self.publisher.flush_confirmed(timeout=30.0)
         now_ms = time.time() * 1000
         for item in items:
             if item.event.detection_id in stored and item.message.timestamp_ms:

@@ -26,6 +26,8 @@ REVOKE_DRAIN_S = 30.0
 # this long, or this long while batches are in flight (so each is committed as it completes).
 _IDLE_POLL_S = 0.2
 _SETTLE_POLL_S = 0.02
+# How long the loop serves the group while the pipeline is full before its housekeeping.
+_ROOM_WAIT_S = 2.0
 
 
 class StreamConsumer:
@@ -219,10 +221,14 @@ class StreamConsumer:
     def _wait_for_room(self) -> None:
         self.pipeline.wait(0.5)
         if not self.pipeline.has_room() and not self.pipeline.halted:
-            # Long: an outage keeps the finish stage retrying. Keep answering the group.
+            # Long: an outage keeps the finish stage retrying. Keep answering the group, and
+            # come back to the loop now and then: a batch waiting for a version switch is
+            # released by the switch, which the loop makes (between_batches).
+            until = time.monotonic() + _ROOM_WAIT_S
             self._serve_group_until(
                 lambda: self.pipeline.has_room() or self.pipeline.halted or self._stop.is_set()
-            )
+                or time.monotonic() > until
+            )  # fmt: skip
 
     def _serve_group_until(self, done: Callable[[], bool]) -> None:
         """Poll with every partition paused (heartbeats, rebalances, lag) until ``done()``,

@@ -278,6 +278,8 @@ class FaustRunner:
                 if rebalanced():
                     log.warning("faust: rebalance during retries; abandoning the batch uncommitted")
                     return None
+                # A batch waiting for a version switch goes on once the switch is made.
+                await self._in_thread(self._idle)
 
     async def _commit(self, app: faust.App) -> None:
         """Commit the acked offsets now rather than at Faust's next commit tick."""

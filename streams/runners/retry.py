@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaException
-
 from sinks.metrics import StreamMetrics
-from sinks.publisher import PublishError
-from sinks.store import StoreUnavailable
+from streams.processor import DEPENDENCY_FAILURES
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-# What a batch attempt may fail with and still be retried (the database or the broker).
-RETRYABLE = (StoreUnavailable, PublishError, KafkaException)
+# What a batch attempt may fail with and still be retried (the database, the broker, a
+# version switch under way); the processor dead-letters whatever else one event causes.
+RETRYABLE = DEPENDENCY_FAILURES
 
 
 def retry_delay(metrics: StreamMetrics, attempt: int, err: Exception) -> float:

@@ -1,0 +1,247 @@
+"""Poison pills: whatever one event makes fail is that event's problem.
+
+Driven through the whole batch processor (parse, decode, embed, match, the real PostgreSQL
+store, the real broker for its output), not only the parser: an event the database refuses is
+found by bisecting its batch and dead-lettered alone as ``unprocessable``, and generated events
+at the edges of what JSON, Python and PostgreSQL accept never fail a batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from sinks.cache import CentroidCache
+from sinks.metrics import StreamMetrics
+from sinks.publisher import KafkaPublisher
+from sinks.store import PgStore
+from streams.batch import SourceMessage
+from streams.gallery import GalleryLoader
+from streams.processor import BatchProcessor
+from streams.tools.produce import detection_event
+from streams.topics import ensure_topics, read_topic
+from streams.versions import build_embedder
+from tests.conftest import zebra_images
+from tests.integration.test_streams_replay import settings_of
+
+
+def small_jpeg(path, size: int = 64) -> bytes:
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").resize((size, size)).save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+@contextmanager
+def live_processor(env: dict[str, str]) -> Iterator[BatchProcessor]:
+    """A started processor on the test's database and topics (no consumer: the test hands
+    it the batches)."""
+    s = settings_of(env)
+    kafka = {"bootstrap.servers": s.kafka_bootstrap_servers}
+    ensure_topics(kafka, [s.topic_assignments, s.topic_dead_letters], 1)
+    metrics = StreamMetrics()
+    store = PgStore(s.database_url.get_secret_value())
+    publisher = KafkaPublisher(s.producer_config())
+    embedder = build_embedder(s)
+    store.start()
+    publisher.start()
+    embedder.start()
+    cache = CentroidCache(s.redis_url.get_secret_value(), key_prefix=s.cache_key_prefix)
+    cache.start()
+    gallery = GalleryLoader(store, cache, metrics, refresh_s=s.gallery_refresh_s,
+                            refresh_margin_s=s.gallery_refresh_margin_s)  # fmt: skip
+    processor = BatchProcessor(s, embedder, store, gallery, publisher, metrics)
+    processor.start()
+    try:
+        yield processor
+    finally:
+        processor.stop()
+        embedder.stop()
+        publisher.stop()
+        cache.stop()
+        store.stop()
+
+
+def as_messages(topic: str, values: list[bytes], first_offset: int = 0) -> list[SourceMessage]:
+    return [
+        SourceMessage(topic, 0, first_offset + i, b"k", value) for i, value in enumerate(values)
+    ]
+
+
+def stored_ids(database_url: str) -> set[str]:
+    with psycopg.connect(database_url) as conn:
+        return {row[0] for row in conn.execute("SELECT detection_id FROM detections")}
+
+
+def test_an_event_the_database_refuses_is_dead_lettered_alone(stream_env, database_url):
+    env = {**stream_env, "REID_INPUT_SIZE": "64"}
+    # A real per-event failure in the real store: a constraint only this camera breaks
+    # (what a NUL byte or an out-of-range number did before the parser knew them).
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE detections ADD CONSTRAINT no_poison "
+                     "CHECK (camera_id <> 'cam-poison')")  # fmt: skip
+    photos = [small_jpeg(path) for _, path in zebra_images(individuals=4, per_individual=3)]
+    good = [
+        json.dumps(detection_event(p, f"cam-{i % 3}", detection_id=f"good-{i}")).encode()
+        for i, p in enumerate(photos)
+    ]
+    poison = json.dumps(detection_event(photos[0], "cam-poison", detection_id="pill")).encode()
+    values = [*good[:5], poison, *good[5:], poison]  # the pill, and a repeat of it
+
+    with live_processor(env) as processor:
+        outcome = processor.process(as_messages(env["REID_TOPIC_DETECTIONS"], values))
+        s = processor.settings
+
+    assert outcome.dead_letter_reasons == {"unprocessable": 2}
+    assert {m.offset for m, _ in outcome.dead_letters} == {5, len(values) - 1}
+    assert outcome.new_deer + outcome.assigned_existing == len(good)
+    assert stored_ids(database_url) == {f"good-{i}" for i in range(len(good))}
+    kafka = {"bootstrap.servers": s.kafka_bootstrap_servers}
+    dead = read_topic(kafka, s.topic_dead_letters, expected=2, timeout_s=30)
+    headers = [dict(m.headers()) for m in dead]
+    assert [h["dlq.reason"] for h in headers] == [b"unprocessable", b"unprocessable"]
+    assert {h["dlq.exception"] for h in headers} == {b"psycopg.errors.CheckViolation"}
+    assert [m.value() for m in dead] == [poison, poison]
+    assigned = read_topic(kafka, s.topic_assignments, expected=len(good), timeout_s=30)
+    assert sorted(json.loads(m.value())["detection_id"] for m in assigned) == sorted(
+        f"good-{i}" for i in range(len(good))
+    )
+
+
+# -- generated events ---------------------------------------------------------------------
+_edge_ints = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.sampled_from([2**31, 2**63, -(2**63) - 1, 10**20, 10**400, -(10**400)]),
+)
+_edge_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e308, -1e308, 5e-324, math.inf, math.nan, 0.0, -0.0]),
+)
+_edge_text = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", " ", "\x00", "a\x00b", "\ud800", "\udfff", "\u202e", "🦌" * 300,
+                     "x" * 300, "../../etc/passwd", "/etc/passwd", "NaN", "\\"]),
+)  # fmt: skip
+_anything = st.one_of(st.none(), st.booleans(), _edge_ints, _edge_floats, _edge_text,
+                      st.lists(_edge_ints, max_size=5))  # fmt: skip
+_timestamps = st.one_of(
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                     "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z",
+                     "2026-02-30T00:00:00Z", "2026-12-01T00:00:00+25:00", "2026-12-01"]),
+    _anything,
+)  # fmt: skip
+_bbox = st.one_of(
+    st.lists(st.one_of(_edge_ints, _edge_floats), min_size=4, max_size=4),
+    st.lists(st.integers(0, 64), min_size=4, max_size=4),
+    _anything,
+)
+
+
+@st.composite
+def edge_events(draw: st.DrawFn, photo: bytes) -> bytes:
+    doc = detection_event(photo, "cam-0")
+    fields = draw(st.sets(st.sampled_from(
+        ["detection_id", "camera_id", "captured_at", "bbox", "confidence", "species",
+         "image_b64", "image_uri", "schema", "extra"]), max_size=4))  # fmt: skip
+    if "detection_id" in fields:
+        doc["detection_id"] = draw(st.one_of(_edge_text, _anything))
+    if "camera_id" in fields:
+        doc["camera_id"] = draw(st.one_of(_edge_text, _anything))
+    if "captured_at" in fields:
+        doc["captured_at"] = draw(_timestamps)
+    if "bbox" in fields:
+        doc["bbox"] = draw(_bbox)
+    if "confidence" in fields:
+        doc["confidence"] = draw(_anything)
+    if "species" in fields:
+        doc["species"] = draw(st.one_of(_edge_text, _anything))
+    if "image_b64" in fields:
+        raw = draw(st.one_of(st.binary(max_size=64), st.just(photo[: len(photo) // 2])))
+        doc["image_b64"] = base64.b64encode(raw).decode()
+    if "image_uri" in fields:
+        del doc["image_b64"]
+        doc["image_uri"] = draw(_edge_text)
+    if "schema" in fields:
+        doc["schema"] = draw(_anything)
+    if "extra" in fields:
+        doc[draw(_edge_text)] = draw(_anything)
+    return json.dumps(doc).encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_generated_edge_events_never_fail_a_batch(stream_env, database_url):
+    env = {**stream_env, "REID_INPUT_SIZE": "64", "REID_BATCH_MAX_SIZE": "16"}
+    photo = small_jpeg(zebra_images(individuals=1, per_individual=1)[0][1])
+    topic = env["REID_TOPIC_DETECTIONS"]
+    offsets = iter(range(10**9))
+
+    with live_processor(env) as processor:
+
+        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(st.lists(edge_events(photo), min_size=1, max_size=6))
+        def one_batch(values: list[bytes]) -> None:
+            good = json.dumps(detection_event(photo, "cam-1")).encode()
+            batch = [*values, good]
+            messages = [SourceMessage(topic, 0, next(offsets), b"k", v) for v in batch]
+            outcome = processor.process(messages)  # must not raise, whatever the events
+            dead = {m.offset for m, _ in outcome.dead_letters}
+            stored = stored_ids(database_url)
+            for message in messages:
+                if message.offset in dead:
+                    continue
+                doc = json.loads(message.value)
+                assert doc["detection_id"] in stored, (message.value, outcome)
+            assert messages[-1].offset not in dead, outcome.dead_letters
+            assert outcome.messages == len(messages)
+
+        one_batch()
+
+
+def test_a_passing_file_error_retries_the_batch_and_loses_nothing(
+    stream_env, database_url, tmp_path, monkeypatch
+):
+    """EIO (or EMFILE, ESTALE...) reading an image_uri is not the event's fault: the batch
+    fails like an outage, nothing is stored or dead-lettered, and the retry stores it."""
+    import errno
+
+    from streams.images import ImageRoots, ImageSourceUnavailable
+
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(small_jpeg(zebra_images(1, 1)[0][1]))
+    env = {**stream_env, "REID_INPUT_SIZE": "64", "REID_IMAGE_ROOTS": json.dumps([str(root)])}
+    event = detection_event(b"", "cam-1", detection_id="by-uri")
+    del event["image_b64"]
+    event.update(image_uri="a.jpg", bbox=[0, 0, 64, 64])
+    inline = json.dumps(detection_event(small_jpeg(zebra_images(1, 1)[0][1]), "cam-2")).encode()
+    real_read = ImageRoots._read_once
+    failing = {"on": True}
+
+    def flaky(self, uri):
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self, uri)
+
+    monkeypatch.setattr(ImageRoots, "_read_once", flaky)
+    messages = as_messages(env["REID_TOPIC_DETECTIONS"], [json.dumps(event).encode(), inline])
+    with live_processor(env) as processor:
+        batch = processor.embed(processor.prepare(messages))
+        with pytest.raises(ImageSourceUnavailable):
+            processor.finish(batch)  # what the runner retries after a backoff
+        assert stored_ids(database_url) == set()
+        failing["on"] = False
+        outcome = processor.finish(batch)
+    assert outcome.dead_lettered == 0
+    assert outcome.new_deer + outcome.assigned_existing == 2
+    assert "by-uri" in stored_ids(database_url)
