@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from reid.embedder import Embedder
 from sinks.cache import CentroidCache
 from sinks.metrics import StreamMetrics
+from sinks.pg import StoreUnavailable, describe_dsn, set_default_timeouts
 from sinks.publisher import KafkaPublisher
+from sinks.redaction import add_secrets
 from sinks.store import PgStore
 from streams.gallery import GalleryLoader
 from streams.health import HealthChecker
+from streams.logs import kafka_logs_held
 from streams.processor import BatchProcessor
 from streams.runners import Runner, build_runner
+from streams.runners.retry import RETRY_BACKOFF_S
 from streams.settings import Settings
 from streams.topics import ensure_stream_topics
 from streams.versions import (
@@ -31,6 +37,12 @@ log = logging.getLogger(__name__)
 
 # The two backbones of reid.backbones.Ensemble, for the model info metric.
 BACKBONES = "multiscale-resnet50+efficientnet-b0"
+# The version poll runs in the consumer's thread: a hung database may not hold it longer
+# (the group is served meanwhile; the poll tries again later).
+VERSION_POLL_CALL_S = 5.0
+# At start-up, one broker metadata request may take this long before the attempt fails
+# (creating topics would wait 10 s per attempt on a broker that is down).
+STARTUP_PROBE_S = 3.0
 
 
 class StreamApp:
@@ -46,6 +58,9 @@ class StreamApp:
     ) -> None:
         self.settings = settings
         self.serve_metrics = serve_metrics
+        # Also when the settings were built in-process rather than by load_settings().
+        add_secrets(*settings.secret_values())
+        set_default_timeouts(settings.pg_timeouts())
         self.metrics = StreamMetrics()
         # A given embedder is shared (the benchmark runs several apps on one loaded model):
         # the app starts it if needed but leaves it running when it stops.
@@ -84,7 +99,12 @@ class StreamApp:
     def _health_checker(self) -> HealthChecker:
         s = self.settings
         # Own connections: probes never touch the batch path's connection or producer.
-        probe_store = PgStore(s.database_url.get_secret_value(), connect_timeout=3.0)
+        # A probe call stuck on a hung server is aborted after the check's own timeout.
+        probe_store = PgStore(
+            s.database_url.get_secret_value(),
+            connect_timeout=min(3.0, s.health_timeout_s),
+            call_timeout_s=s.health_timeout_s,
+        )
         admin = AdminClient(s.kafka_common())
 
         def postgres() -> None:
@@ -107,10 +127,13 @@ class StreamApp:
         self._probe_store = probe_store
         return HealthChecker(
             self.metrics, checks, required={"kafka", "postgres"}, conditions=conditions,
-            interval_s=s.health_interval_s,
+            interval_s=s.health_interval_s, timeout_s=s.health_timeout_s,
         )  # fmt: skip
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Start everything; waits for the broker and PostgreSQL while they are down (as
+        long as it takes, with the outage backoff). False when a stop was requested
+        (``consumer.request_stop()``, SIGTERM) before it could start: nothing to run."""
         s = self.settings
         if self.serve_metrics:
             # First, so that /healthz answers (and /readyz says why not) while the model loads.
@@ -119,14 +142,13 @@ class StreamApp:
             )
             log.info("metrics: serving http://%s:%d/metrics", s.metrics_host, self.metrics_port)
         self.health.start()
-        ensure_stream_topics(s, [s.topic_detections, s.topic_assignments, s.topic_dead_letters])
-        # One partition: the order of the topic is the order of the changes (docs/curation.md).
-        ensure_stream_topics(s, [s.topic_deer_changes], 1)
-        self.store.start()
-        self._start_active_version()  # starts the embedder
-        self._model_info()
-        # From the start, not only after the first batch: the dashboard shows it at once.
-        self.metrics.known_deer.set(self.store.deer_count(self.embedder.embedding_version))
+        with kafka_logs_held():  # one line per attempt, not librdkafka's connection errors
+            broker = f"the Kafka broker at {s.kafka_bootstrap_servers}"
+            if not self._until_up(broker, self._ensure_topics):
+                return False
+        database = f"PostgreSQL at {describe_dsn(s.database_url.get_secret_value())}"
+        if not self._until_up(database, self._start_store):
+            return False
         if self.cache is not None:
             self.cache.start()
         self.publisher.start()
@@ -138,6 +160,49 @@ class StreamApp:
             self.embedder.embedding_version,
             self.embedder.device,
         )
+        return True
+
+    def _until_up(self, what: str, step: Callable[[], None]) -> bool:
+        """Run ``step`` until it stops failing for want of a dependency (StoreUnavailable,
+        a broker error), waiting 0.5, 1, 2, 5, then every 10 s between attempts and logging
+        one line per failed attempt; False when a stop is requested meanwhile."""
+        attempt = 0
+        while not self.consumer.stopping:
+            try:
+                step()
+            except (StoreUnavailable, KafkaException) as err:  # a dependency is down
+                attempt += 1
+                delay = RETRY_BACKOFF_S[min(attempt - 1, len(RETRY_BACKOFF_S) - 1)]
+                reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+                log.warning("start-up: waiting for %s (attempt %d, next in %.1fs): %s",
+                            what, attempt, delay, reason)  # fmt: skip
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not self.consumer.stopping:
+                    time.sleep(0.05)
+                continue
+            if attempt:
+                log.info("start-up: %s reachable after %d failed attempt(s)", what, attempt)
+            return True
+        log.info("start-up: stop requested while waiting for %s", what)
+        return False
+
+    def _ensure_topics(self) -> None:
+        s = self.settings
+        # A short metadata request first: on a broker that is down it fails in seconds.
+        AdminClient(s.kafka_common()).list_topics(timeout=STARTUP_PROBE_S)
+        ensure_stream_topics(s, [s.topic_detections, s.topic_assignments, s.topic_dead_letters])
+        # One partition: the order of the topic is the order of the changes (docs/curation.md).
+        ensure_stream_topics(s, [s.topic_deer_changes], 1)
+
+    def _start_store(self) -> None:
+        """Connect, start the active version's embedder and read what the dashboard shows;
+        run again from the top when the database went away in between."""
+        self.store.start()
+        if self.versions is None:
+            self._start_active_version()  # starts the embedder
+        self._model_info()
+        # From the start, not only after the first batch: the dashboard shows it at once.
+        self.metrics.known_deer.set(self.store.deer_count(self.embedder.embedding_version))
 
     def stop(self) -> None:
         """Stop in reverse order; every step runs even if an earlier one failed."""
@@ -162,7 +227,14 @@ class StreamApp:
         weights), or else the configured one, registering it as active."""
         s = self.settings
         active = self.store.registry.active()
-        if active is not None and self._owns_embedder:
+        rebuilt = (
+            active is not None
+            and self.embedder.started
+            and (self.embedder.embedding_version == active.version)
+        )  # an earlier attempt built it
+        if active is not None and self._owns_embedder and not rebuilt:
+            if self.embedder.started:  # the configured one, started by an earlier attempt
+                self.embedder.stop()
             if s.weights_path is not None and str(Path(s.weights_path).resolve()) != (
                 active.weights_path or ""
             ):
@@ -184,7 +256,11 @@ class StreamApp:
                             "the active one at the first batch boundary", info.version)  # fmt: skip
         # Its own connection: the batch path's one may be inside a transaction in another
         # thread (the pipelined finish stage) when the runner polls.
-        poll_store = PgStore(s.database_url.get_secret_value())
+        poll_store = PgStore(
+            s.database_url.get_secret_value(),
+            connect_timeout=min(3.0, s.pg_connect_timeout_s),
+            call_timeout_s=VERSION_POLL_CALL_S,
+        )
         poll_store.start()
         self.versions = VersionSwitch(
             s, poll_store, self.metrics, self.embedder.embedding_version,

@@ -4,7 +4,10 @@ The dependency checks run in a background thread every ``interval_s`` and their 
 cached, so that probes (/readyz) stay cheap however often they come, and the
 ``reid_dependency_up`` gauges keep moving for the alerts even when nobody probes.
 The checks use their own connections, never the ones the batch path holds: a probe must not
-interleave with a batch's transaction or reconnect a connection under it.
+interleave with a batch's transaction or reconnect a connection under it. Each check runs in
+a thread of its own and has ``timeout_s`` to answer: a server that hangs (rather than
+refusing) fails its check after that long instead of freezing every result, and a check
+still stuck from an earlier round is not started again (it keeps failing until it returns).
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ class HealthChecker:
         required: set[str],
         conditions: Mapping[str, Callable[[], str | None]] | None = None,
         interval_s: float = 5.0,
+        timeout_s: float = 3.0,
     ) -> None:
         self.metrics = metrics
         self.checks = dict(checks)
         self.required = required
         self.conditions = dict(conditions or {})
         self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._running: dict[str, _Run] = {}  # the check in progress of each dependency
         self._results: dict[str, str | None] = dict.fromkeys(self.checks, "not checked yet")
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,16 +65,24 @@ class HealthChecker:
     def check_now(self) -> dict[str, str | None]:
         """Run every check once, record the results and the gauges; returns the results."""
         results: dict[str, str | None] = {}
+        t0 = time.monotonic()
         for name, check in self.checks.items():
-            t0 = time.perf_counter()
-            try:
-                check()
-                results[name] = None
-            except Exception as err:
-                results[name] = f"unreachable: {type(err).__name__}: {redact(str(err))}"[:300]
-            self.metrics.dependency_up.labels(dependency=name).set(results[name] is None)
-            log.debug("health: %s %s in %.3fs", name, results[name] or "ok",
-                      time.perf_counter() - t0)  # fmt: skip
+            if name not in self._running:
+                self._running[name] = _Run(name, check)
+        for name in self.checks:
+            run = self._running[name]
+            if not run.done.wait(max(0.0, run.started + self.timeout_s - time.monotonic())):
+                # Still running: not started again until it returns.
+                since = f" (stuck for {t0 - run.started:.0f}s)" if run.started < t0 else ""
+                results[name] = f"unreachable: no answer within {self.timeout_s:.1f}s{since}"
+                continue
+            del self._running[name]
+            err = run.error
+            results[name] = None if err is None else (
+                f"unreachable: {type(err).__name__}: {redact(str(err))}"[:300])  # fmt: skip
+        for name, reason in results.items():
+            self.metrics.dependency_up.labels(dependency=name).set(reason is None)
+        log.debug("health: %s in %.3fs", results, time.monotonic() - t0)
         with self._lock:
             before = self._results
             changed = {k: v for k, v in results.items() if (v is None) != (before[k] is None)}
@@ -100,3 +114,23 @@ class HealthChecker:
                 log.exception("health: check loop failed")
             if self._stop.wait(self.interval_s):
                 return
+
+
+class _Run:
+    """One run of a check, in a daemon thread of its own (a hung one must not hold the
+    process at exit, as a pool's worker would)."""
+
+    def __init__(self, name: str, check: Check) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._check = check
+        threading.Thread(target=self._run, name=f"health-{name}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._check()
+        except BaseException as err:  # reported as the check's result
+            self.error = err
+        finally:
+            self.done.set()

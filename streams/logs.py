@@ -9,6 +9,7 @@ strings are cut, so a careless ``extra`` cannot put image bytes into the logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -146,6 +148,33 @@ def kafka_logger() -> logging.Logger:
     own lines then go through the project's handlers (``--log-format json`` stays JSON) and
     are rate-limited, instead of going straight to stderr."""
     return _KAFKA_LOG
+
+
+class _Hold(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held += 1
+        return False
+
+
+@contextlib.contextmanager
+def kafka_logs_held() -> Iterator[None]:
+    """Hold back librdkafka's own lines for the body of the ``with`` (start-up waiting for a
+    broker that is down: the wait logs one line per attempt instead of every client's
+    connection errors); says how many were held at the end."""
+    hold = _Hold()
+    _KAFKA_LOG.addFilter(hold)
+    try:
+        yield
+    finally:
+        _KAFKA_LOG.removeFilter(hold)
+        if hold.held:
+            logging.getLogger(__name__).info(
+                "librdkafka: %d line(s) held back while waiting for the broker", hold.held
+            )
 
 
 def with_kafka_logger(config: dict[str, Any]) -> dict[str, Any]:

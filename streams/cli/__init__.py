@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from importlib import metadata
 from pathlib import Path
 
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = getattr(args, "loaded_settings", None)
         message = one_line(err, settings)
         if message is None:
-            raise  # not a failure we know: a bug, whose traceback helps
+            # Not a failure we know: a bug, whose traceback helps; redacted all the same
+            # (an exception's text may quote a connection string).
+            print(redacted(traceback.format_exc(), settings), end="", file=sys.stderr)
+            return EXIT_FAILED
         fail(f"{args.command}: {redacted(message, settings)}")
         return EXIT_FAILED
 

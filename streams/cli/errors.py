@@ -11,6 +11,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from sinks.cache import CacheUnavailable
 from sinks.pg import StoreUnavailable, describe_dsn
+from sinks.redaction import add_secrets, redact
 
 if TYPE_CHECKING:
     from streams.settings import Settings
@@ -91,27 +92,12 @@ def one_line(err: BaseException, settings: Settings | None = None) -> str | None
 
 
 def redacted(text: str, settings: Settings | None) -> str:
-    """``text`` without any secret the settings hold (a driver may echo a DSN back)."""
-    if settings is None:
-        return text
-    secrets = [settings.database_url, settings.redis_url, settings.kafka_password]
-    for secret in secrets:
-        value = secret.get_secret_value() if secret is not None else ""
-        if value:
-            text = text.replace(value, "***")
-            password = _password_of(value)
-            if password:
-                text = text.replace(password, "***")
-    return text
-
-
-def _password_of(url: str) -> str | None:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
+    """``text`` without credentials (``sinks.redaction``: URL passwords whatever the URL's
+    shape, ``password=`` values, and every secret the settings or the environment hold; a
+    driver may echo a DSN, or a piece of one, back)."""
+    if settings is not None:
+        add_secrets(*settings.secret_values())
+    return redact(text)
 
 
 def _first_line(err: BaseException) -> str:

@@ -90,10 +90,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start()
     try:
-        # Switches to a newly activated embedding version between batches (`activate`).
-        app.consumer.run(between_batches=app.between_batches)
+        # Waits (one line per attempt, /readyz not ready) while the broker or the database
+        # is down; False: stopped during the wait, nothing was consumed.
+        if app.start():
+            # Switches to a newly activated embedding version between batches (`activate`).
+            app.consumer.run(between_batches=app.between_batches)
     finally:
         app.stop()
     return 0

@@ -88,7 +88,7 @@ def test_healthz_readyz_and_metrics(served) -> None:
     status, _, body = get(port, "/readyz")
     assert status == 503 and body["failed"] == ["postgres"]
     assert body["checks"]["postgres"].startswith("unreachable: ConnectionError")
-    assert "hunter2" not in json.dumps(body) and "://***@db" in body["checks"]["postgres"]
+    assert "hunter2" not in json.dumps(body) and "://reid:***@db" in body["checks"]["postgres"]
     assert 'reid_dependency_up{dependency="postgres"} 0.0' in metrics.render().decode()
 
     postgres.down = False
@@ -222,3 +222,38 @@ def test_lag_per_partition_from_end_and_committed_offsets() -> None:
     sampler._next = 0.0
     sampler.maybe_sample(consumer)
     assert set(lag_series(metrics)) == {"0", "2"}
+
+
+def test_a_hung_check_fails_within_its_timeout_and_recovers() -> None:
+    """A dependency that hangs (SIGSTOP: no refusal, no answer) fails its check after the
+    check's own timeout, without delaying the other checks, and passes again once it
+    answers; the stuck call is not started a second time meanwhile."""
+    resume = threading.Event()
+    calls = {"postgres": 0}
+
+    def postgres() -> None:
+        calls["postgres"] += 1
+        resume.wait(30)
+
+    kafka = Dependency()
+    checker = HealthChecker(
+        StreamMetrics(), {"postgres": postgres, "kafka": kafka}, required={"postgres", "kafka"},
+        interval_s=3600, timeout_s=0.3,
+    )  # fmt: skip
+    rounds: list[dict[str, str | None]] = []
+    worker = threading.Thread(target=lambda: rounds.append(checker.check_now()))
+    t0 = time.monotonic()
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "check_now() must not wait for a hung dependency"
+    assert time.monotonic() - t0 < 2.0
+    assert rounds[0]["kafka"] is None
+    assert rounds[0]["postgres"] == "unreachable: no answer within 0.3s"
+    second = checker.check_now()
+    assert second["postgres"].startswith("unreachable: no answer within 0.3s (stuck for")
+    assert calls["postgres"] == 1, "a stuck check is not started again"
+    assert checker.readiness()["postgres"] is not None
+    resume.set()
+    time.sleep(0.05)
+    assert checker.check_now()["postgres"] is None
+    assert checker.check_now()["postgres"] is None and calls["postgres"] == 2
