@@ -111,4 +111,19 @@ def bad_events(image_root: Path, *, max_message_bytes: int) -> list[BadEvent]:
             event(species="x" * (max_message_bytes + 1)),
             "message_too_large",
         ),
+        # At the edges of what JSON, Python and PostgreSQL accept (these crashed the batch).
+        BadEvent("NUL character in species", event(species="roe\x00deer"), "wrong_type"),
+        BadEvent("lone surrogate in species", event(species="\udc00"), "wrong_type"),
+        BadEvent(
+            "401-digit integer in bbox",
+            event(image_b64=_b64(small.getvalue()), bbox=[10**400, 0, 10, 10]),
+            "bad_bbox",
+        ),
+        BadEvent(
+            "timestamp outside the UTC range",
+            event(captured_at="0001-01-01T00:00:00+01:00"),
+            "bad_timestamp",
+        ),
+        BadEvent("image_uri with a NUL byte", event(**uri, image_uri="a\x00.jpg"), "wrong_type"),
+        BadEvent("image_uri name too long", event(**uri, image_uri="x" * 5000), "image_not_found"),
     ]
