@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 
 import psycopg
 
-from tests.faults.harness import (
-    ANIMALS,
-    EVENTS,
-    PARTITIONS,
-    SHUTDOWN_TIMEOUT_S,
-    FaultRun,
-    Stream,
-    cache_state,
-    make_stream,
-    wait_for,
-)
+from tests.faults.checks import cache_state
+from tests.faults.harness import FaultRun
+from tests.faults.stream import ANIMALS, EVENTS, PARTITIONS, Stream, make_stream
+from tests.faults.workers import SHUTDOWN_TIMEOUT_S, wait_for
 
 SHUTDOWN_GRACE_S = 5.0  # a SIGTERMed worker exits within REID_SHUTDOWN_TIMEOUT_S + this
 # Several workers on 2 cores: one thread each, or they spend their time fighting for the CPU.
+PROBE = "tests.faults.probe"  # `reid-stream run` with its revocations logged as they begin
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "REID_DECODE_WORKERS": "1"}
 
 
@@ -135,38 +130,87 @@ def test_redis_frozen(fault_run: FaultRun):
 def test_rebalance(fault_run: FaultRun):
     run = fault_run.describe(
         "rebalance",
-        "two consumers; a third joins at ~25%, one of the first two leaves (SIGTERM) at ~50%",
+        "two consumers busy with 2000 events; a third joins (partitions revoked from the "
+        "first two with batches in flight), one of the first two leaves (SIGTERM) at ~50%",
     )
-    stream = make_stream()
-    burst, rest = stream.sightings[: at(0.2)], stream.sightings[at(0.2) :]
-    a = run.start_worker("a", env=ONE_CORE)
-    b = run.start_worker("b", env=ONE_CORE)
+    # Twice the usual stream. a and b have their partitions before any event exists (so
+    # their own joins move idle partitions only); the bulk is produced the moment c has loaded
+    # its model and subscribed, so that a and b are saturated (their pipelines full) when
+    # c's join makes them revoke the partitions it gets.
+    stream = make_stream(animals=2 * ANIMALS)
+    events = len(stream.sightings)
+    burst, rest = stream.sightings[: events // 5], stream.sightings[events // 5 :]
+    # The probe logs each revocation as it begins, with the batches then in flight.
+    a = run.start_worker("a", env=ONE_CORE, module=PROBE)
+    b = run.start_worker("b", env=ONE_CORE, module=PROBE)
+    for worker in (a, b):
+        wait_for(lambda w=worker: assigned(w.log()), 120, f"worker {worker.name} to be "
+                 "assigned partitions", run.diagnostics, alive=[worker])  # fmt: skip
     # A burst first: a and b race to create the deer of the many animals it shows first,
     # each animal's sightings on several partitions.
     run.produce(stream, burst)
-    run.wait_rows(at(0.1))
-    c = run.start_worker("c", env=ONE_CORE)  # it takes ~10 s to load the model and join
-    run.wait_rows(len(burst))
-    # A trickle while c joins, so that a and b are processing when the group rebalances.
-    feeder = run.feed(stream, rest, rate=5.0)
+    run.wait_rows(events // 10)
+    c = run.start_worker("c", env=ONE_CORE, module=PROBE)
+    wait_for(lambda: "consumer: subscribed" in c.log(), 120, "worker c to load its model",
+             run.diagnostics, alive=[c])  # fmt: skip
+    run.produce(stream, rest)  # a group join takes >= 3 s (half the session timeout)
+    run.mark("c subscribed; the rest produced")
+    run.check_produced()
+    spread = stream.animals_on_several_partitions()
+    assert spread >= 0.9 * 2 * ANIMALS, f"only {spread} animals on several partitions"
     wait_for(lambda: assigned(c.log()), 90, "worker c to be assigned partitions",
              run.diagnostics, alive=[c])  # fmt: skip
     joined_at = run.rows()
     run.mark("c assigned partitions")
-    fed = feeder.stop()
-    run.produce(stream, rest[fed:])  # then the rest at once
-    run.check_produced()
-    spread = stream.animals_on_several_partitions()
-    assert spread >= 0.9 * ANIMALS, f"only {spread} animals on several partitions"
-    left_at = run.wait_rows(at(0.5))
+    left_at = run.wait_rows(events // 2)
     seconds = run.terminate(a)
-    run.wait_done()
+    run.wait_done(timeout=240)
     verdict = run.finish()
+    busy = [line for w in (a, b) for line in revocations(w.log()) if busy_revocation(line)]
     run.note(
         f"c got partitions at {joined_at} rows, a left at {left_at} rows ({seconds:.1f}s); "
         f"assignment rounds: a {len(assignments(a.log()))}, b {len(assignments(b.log()))}, "
-        f"c {len(assignments(c.log()))}; new deer re-planned against other workers' deer "
-        f"{replans(run)} times; {redelivered(run)} events found already stored; "
+        f"c {len(assignments(c.log()))}; revocations from a and b with batches of the revoked "
+        f"partitions in flight: {len(busy)} of "
+        f"{sum(len(revocations(w.log())) for w in (a, b))} ({'; '.join(busy[:2])}); "
+        f"new deer re-planned against other workers' deer {replans(run)} times; "
+        f"{redelivered(run)} events found already stored; "
+        f"{verdict.figures['repeated_events']} assignment events repeated"
+    )
+    verdict.check()
+    assert busy, (
+        "no partition was revoked with a batch of it in flight (only idle partitions moved): "
+        f"{[revocations(w.log()) for w in (a, b)]}"
+    )
+
+
+def test_postgres_frozen(fault_run: FaultRun):
+    run = fault_run.describe(
+        "postgres_frozen",
+        "PostgreSQL hung (SIGSTOP of the postmaster and every backend) for 10 s from ~30%, "
+        "then resumed (SIGCONT); the same consumer finishes",
+    )
+    produce(run)
+    a = run.start_worker("a")
+    rows = run.wait_rows(at(0.3))
+    answers = []
+    with run.service_frozen("postgres") as pids:
+        # Not a query to the database meanwhile: it would hang too.
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            answers.append(a.readyz(timeout=1.0))
+            time.sleep(0.5)
+    assert a.alive(), f"the consumer died while PostgreSQL hung\n{a.tail()}"
+    run.wait_done()
+    errors = a.metrics()["reid_store_errors_total"]
+    verdict = run.finish()
+    lost = re.findall(r"consumer: lost .*", a.log())
+    run.note(
+        f"froze {len(pids)} processes at {rows} rows; /readyz during the hang "
+        f"(status: times, None = no answer in 1 s): {dict(Counter(answers))}; "
+        f"reid_store_errors_total={errors:.0f}; assignment rounds of the consumer "
+        f"{len(assignments(a.log()))}, partitions lost {len(lost)}; "
+        f"{redelivered(run)} events found already stored; "
         f"{verdict.figures['repeated_events']} assignment events repeated"
     )
     verdict.check()
@@ -214,6 +258,17 @@ def assigned(log: str) -> bool:
 
 def assignments(log: str) -> list[str]:
     return re.findall(r"consumer: assigned .*", log)
+
+
+def revocations(log: str) -> list[str]:
+    """The probe's lines for revocations of at least one partition."""
+    return re.findall(r"probe: revoking (?!- ).*", log)
+
+
+def busy_revocation(line: str) -> bool:
+    """Whether a probe line says a batch holding a revoked partition was in flight."""
+    found = re.search(r"in flight, (\d+) holding revoked", line)
+    return found is not None and int(found.group(1)) > 0
 
 
 def replans(run: FaultRun) -> int:
