@@ -13,12 +13,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
+
+from sinks.pg import default_timeouts, pg_connect
 
 # PostgreSQL's binary COPY: signature, flags, header extension length; and the end marker.
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
@@ -62,7 +65,12 @@ class ScratchVectors:
         self._conn: psycopg.Connection[Any] | None = None
 
     def __enter__(self) -> ScratchVectors:
-        conn = psycopg.connect(self._url, autocommit=True, application_name="reid-bench")
+        # Bounded connect and keepalives like every connection; no statement timeout: the
+        # HNSW build over 100k vectors takes minutes.
+        timeouts = replace(default_timeouts(), statement_ms=0)
+        conn = pg_connect(
+            self._url, timeouts=timeouts, autocommit=True, application_name="reid-bench"
+        )
         self._conn = conn
         try:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
