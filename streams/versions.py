@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # torch is imported only by the commands that run a model
 log = logging.getLogger(__name__)
 
 RETRY_FAILED_S = 60.0
+# Failed registry reads are retried after poll_s, doubling up to this.
+POLL_BACKOFF_MAX_S = 60.0
 
 
 def file_sha256(path: Path) -> str:
@@ -167,6 +169,7 @@ class VersionSwitch:
         self.poll_s = settings.version_poll_s if poll_s is None else poll_s
         self.background = background
         self._next_poll = time.monotonic() + self.poll_s
+        self._poll_failures = 0
         self._building: str | None = None  # the version being built
         self._thread: threading.Thread | None = None
         self._ready: Embedder | None = None  # set by the build thread when it succeeded
@@ -205,8 +208,14 @@ class VersionSwitch:
         try:
             active = self.store.registry.active()
         except Exception as err:  # a store outage: the batch path reports it; try again later
-            log.debug("versions: poll failed: %s", err)
+            # Backing off: each failed read may hold the consumer's thread up to its deadline
+            # (a hung database), so a long outage must not cost that every poll_s.
+            self._poll_failures += 1
+            backoff = min(POLL_BACKOFF_MAX_S, self.poll_s * 2 ** min(self._poll_failures, 6))
+            self._next_poll = now + max(self.poll_s, backoff)
+            log.debug("versions: poll failed (%d in a row): %s", self._poll_failures, err)
             return None
+        self._poll_failures = 0
         self._note_threshold(active)
         if active is None or active.version == self.current:
             self._failed.clear()
