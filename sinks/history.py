@@ -133,7 +133,9 @@ class History:
     def paired_vectors(self, old: str, new: str) -> dict[str, np.ndarray]:
         """The detections with vectors of both versions, by detection_id: ``detection_ids``,
         ``deer_ids``, and ``old_resnet``/``old_effnet``/``new_resnet``/``new_effnet``."""
-        with self._store.session("paired_vectors") as conn, conn.cursor(binary=True) as cur:
+        # Operator work over the whole history: as long as it takes, like an index build.
+        session = self._store.session("paired_vectors", unbounded=True)
+        with session as conn, conn.cursor(binary=True) as cur:
             rows = cur.execute(
                 "SELECT d.detection_id, d.deer_id, a.embedding_resnet, a.embedding_effnet, "
                 "b.embedding_resnet, b.embedding_effnet FROM detections d "

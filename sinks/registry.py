@@ -290,7 +290,7 @@ class VersionRegistry:
     def drop(self, version: str) -> dict[str, int]:
         """Delete a version's vectors, centroids, indexes and registry row; the active
         version is refused. Detections assigned under it keep their row, without vectors."""
-        with self._store.session("drop_version") as conn, conn.transaction():
+        with self._store.session("drop_version", unbounded=True) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (VERSIONS_LOCK_KEY,))
             info = _version(conn, version)
             if info is None:
@@ -311,7 +311,7 @@ class VersionRegistry:
                 (version,),
             ).rowcount
             conn.execute("DELETE FROM embedding_versions WHERE version = %s", (version,))
-        with self._store.session("drop_version") as conn:
+        with self._store.session("drop_version", unbounded=True) as conn:
             # Each in a transaction of its own, after the rows are gone (see ensure_indexes).
             conn.execute("SELECT pg_advisory_lock(%s)", (VERSIONS_LOCK_KEY,))
             try:
