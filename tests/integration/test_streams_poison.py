@@ -245,3 +245,27 @@ def test_a_passing_file_error_retries_the_batch_and_loses_nothing(
     assert outcome.dead_lettered == 0
     assert outcome.new_deer + outcome.assigned_existing == 2
     assert "by-uri" in stored_ids(database_url)
+
+
+def test_a_dead_letter_too_large_for_the_producer_goes_out_truncated(stream_env):
+    """REID_MAX_MESSAGE_BYTES=300000 and a 1.2 MB event: its dead letter cannot be published
+    as it is (that stalled the partition: the size error was retried for ever); it goes out
+    truncated, with the original's size and digest, and the batch's good event is written."""
+    import hashlib
+
+    env = {**stream_env, "REID_INPUT_SIZE": "64", "REID_MAX_MESSAGE_BYTES": "300000"}
+    photo = small_jpeg(zebra_images(1, 1)[0][1])
+    huge = json.dumps({**detection_event(photo, "cam-1"), "species": "x" * 1_200_000}).encode()
+    good = json.dumps(detection_event(photo, "cam-2", detection_id="beside-it")).encode()
+    with live_processor(env) as processor:
+        outcome = processor.process(as_messages(env["REID_TOPIC_DETECTIONS"], [huge, good]))
+        s = processor.settings
+    assert outcome.dead_letter_reasons == {"message_too_large": 1}
+    assert outcome.new_deer == 1
+    kafka = {"bootstrap.servers": s.kafka_bootstrap_servers}
+    (dead,) = read_topic(kafka, s.topic_dead_letters, expected=1, timeout_s=30)
+    headers = dict(dead.headers())
+    assert headers["dlq.truncated"] == b"true"
+    assert int(headers["dlq.original.size"]) == len(huge)
+    assert headers["dlq.original.sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    assert len(dead.value()) < len(huge) and huge.startswith(dead.value())
