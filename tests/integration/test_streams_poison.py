@@ -269,3 +269,37 @@ def test_a_dead_letter_too_large_for_the_producer_goes_out_truncated(stream_env)
     assert int(headers["dlq.original.size"]) == len(huge)
     assert headers["dlq.original.sha256"] == hashlib.sha256(huge).hexdigest().encode()
     assert len(dead.value()) < len(huge) and huge.startswith(dead.value())
+
+
+def test_a_batch_of_the_old_version_is_embedded_again_after_the_switch(stream_env, database_url):
+    """A batch embedded under V1 that would create a deer after `activate V2` is not written
+    under V1 (a V2 worker could not see that deer): it waits for the switch, then is prepared
+    and embedded again under V2 and written there."""
+    from sinks.registry import VersionSpec
+    from sinks.store import NewDeerDeferred
+
+    env = {**stream_env, "REID_INPUT_SIZE": "64"}
+    photo = small_jpeg(zebra_images(1, 1)[0][1])
+    value = json.dumps(detection_event(photo, "cam-1", detection_id="during-switch")).encode()
+    with live_processor(env) as processor:
+        v1 = processor.embedder.embedding_version
+        processor.store.registry.register(VersionSpec(v1), activate_if_none=True)
+        v2_embedder = build_embedder(settings_of(env, seed=1))
+        v2_embedder.start()
+        v2 = v2_embedder.embedding_version
+        assert v2 != v1
+        processor.store.registry.register(VersionSpec(v2))
+        batch = processor.embed(processor.prepare(as_messages("detections", [value])))
+        processor.store.registry.activate(v2)
+        with pytest.raises(NewDeerDeferred):  # not switched yet: the runner retries
+            processor.finish(batch)
+        processor.embedder = v2_embedder  # what between_batches does at the switch
+        outcome = processor.finish(batch)
+        v2_embedder.stop()
+    assert outcome.new_deer == 1
+    with psycopg.connect(database_url) as conn:
+        (version,) = conn.execute(
+            "SELECT embedding_version FROM detections WHERE detection_id = 'during-switch'"
+        ).fetchone()
+        versions = {r[0] for r in conn.execute("SELECT embedding_version FROM deer_centroids")}
+    assert version == v2 and versions == {v2}
