@@ -271,9 +271,10 @@ class FaultRun:
                             f"{at_least} rows in detections", self.diagnostics,
                             alive=self.running(), interval=interval)  # fmt: skip
 
-    def committed(self) -> dict[int, int]:
+    def committed(self, group: str | None = None) -> dict[int, int]:
+        """The committed offset of every partition, of the run's group or ``group``."""
         assert self.stream is not None
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group or self.group})
         try:
             parts = [TopicPartition(self.topic, p) for p in sorted(self.stream.ends)]
             return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
