@@ -22,7 +22,7 @@ import psycopg
 from tests.faults.harness import FaultRun
 from tests.faults.stream import make_stream
 from tests.faults.test_faults import ONE_CORE, redelivered, replans
-from tests.faults.workers import REPO, FaultTestError, wait_for
+from tests.faults.workers import REPO, FaultTestError, Worker, wait_for
 
 VERSION_A = "seed0-msr50+effb0-calib-v2-64px"  # what the workers start with (seed 0, 64 px)
 VERSION_B = "seed1-msr50+effb0-calib-v2-64px"
@@ -53,14 +53,8 @@ def test_version_switch_burst(fault_run: FaultRun):
     wait_for(lambda: all(o > 0 for o in run.committed().values()), 180,
              "the live group's first commit on every partition", run.diagnostics,
              alive=[a, b])  # fmt: skip
-    replay = run.start_worker(
-        "replay-b", env={**ONE_CORE, "REID_SEED": "1"},
-        args=("replay", "--embedding-version", VERSION_B, "--no-progress"),
-    )  # fmt: skip
-    # The rest once B is registered (the replay registers it when its model is loaded), so
-    # that `activate` at ~20% lands in the middle of the burst.
-    wait_for(lambda: registered(run, VERSION_B), 180, f"the replay to register {VERSION_B}",
-             run.diagnostics, alive=[replay])  # fmt: skip
+    # The rest once B is registered, so that `activate` at ~20% lands in the burst.
+    replay = start_replay(run)
     run.produce(stream, stream.sightings[first:])
     run.check_produced()
     at = run.wait_rows(events // 5)
@@ -103,12 +97,7 @@ def test_replay_from_start(fault_run: FaultRun):
     )
     stream = make_stream()
     run.start_worker("a", env=ONE_CORE)
-    replay = run.start_worker(
-        "replay-b", env={**ONE_CORE, "REID_SEED": "1"},
-        args=("replay", "--embedding-version", VERSION_B, "--no-progress"),
-    )  # fmt: skip
-    wait_for(lambda: registered(run, VERSION_B), 180, f"the replay to register {VERSION_B}",
-             run.diagnostics, alive=[replay])  # fmt: skip
+    replay = start_replay(run)
     run.produce(stream)
     run.wait_done()
     # The live group is at the end: the replay's caps are the end offsets now.
@@ -138,6 +127,18 @@ def version_counts(run: FaultRun) -> dict[str, int]:
         return dict(conn.execute(
             "SELECT embedding_version, count(*) FROM detections GROUP BY 1 ORDER BY 1"
         ).fetchall())  # fmt: skip
+
+
+def start_replay(run: FaultRun) -> Worker:
+    """`reid-stream replay` of VERSION_B following the live group, once it has registered
+    the version (when its model is loaded)."""
+    replay = run.start_worker(
+        "replay-b", env={**ONE_CORE, "REID_SEED": "1"},
+        args=("replay", "--embedding-version", VERSION_B, "--no-progress"),
+    )  # fmt: skip
+    wait_for(lambda: registered(run, VERSION_B), 180, f"the replay to register {VERSION_B}",
+             run.diagnostics, alive=[replay])  # fmt: skip
+    return replay
 
 
 def registered(run: FaultRun, version: str, *, active: bool = False) -> bool:
