@@ -19,13 +19,15 @@ the version (a second run, or stored by a live consumer that ran the version).
 **Never ahead of the live consumer.** An event beyond the live group's committed offset is
 not stored yet; a replay that skipped it would never give it a vector. The replay therefore
 holds each partition at the live group's committed offset (re-read every second) and
-follows it. Without a live group's offsets (no live consumer ever committed), nothing is held.
+follows it. A partition the live group has not committed yet is held where the replay stands
+(the live consumer may be storing its events right now); a replay with no live consumer at all
+says so (``follow_live=False``, ``replay --no-live``) and reads to the end.
 A failed read of those offsets never releases the hold: the last ones read are kept (before
 any, every partition is held where it stands), and no end is declared until a read succeeds.
 
 **The end** (``--until-end``) is where the replay reached, on every partition, the live
-group's committed offset (everything the live consumer stored), or, for partitions the live
-group has not committed, the partition's end offset, and no message arrived for
+group's committed offset (everything the live consumer stored; with ``--no-live``, the
+partition's end offset), and no message arrived for
 ``idle_s``. The idle wait is needed because the embedded tansu broker reports a wrong high
 watermark (too low), so its end offsets alone cannot say the replay is done.
 
@@ -117,6 +119,7 @@ class Replayer:
         self._stop = threading.Event()
         self._consumer: Consumer | None = None
         self._live: Consumer | None = None
+        self._said_no_commits = False
         self._pool: ThreadPoolExecutor | None = None
         self._batch: ReplayBatch | None = None  # set by start()
         self._partitions: list[int] = []
@@ -311,9 +314,8 @@ class Replayer:
         return out
 
     def _live_caps(self, positions: dict[int, int]) -> dict[int, int] | None:
-        """The live group's committed offset per partition (0 where it committed none: it
-        stored nothing there), or None when the live group has committed nothing at all (or
-        the replay does not follow it): then nothing is held back.
+        """The live group's committed offset per partition (0 where it committed none yet:
+        nothing there is known stored), or None when the replay does not follow a live group.
 
         A failed read never releases the hold (the replay would commit past events that are
         not stored yet, and a re-run would not revisit them): it keeps the last caps read,
@@ -338,8 +340,13 @@ class Replayer:
             return kept
         self._caps_fresh = True
         read = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
-        if not read and self._caps is None:
-            return None
+        if not read and self._caps is None and not self._said_no_commits:
+            self._said_no_commits = True
+            # Not "no live consumer": one starting up stores events before its first commit,
+            # and a replay that skipped them would never revisit them.
+            log.warning("replay: the live group %s has committed no offsets yet; holding every "
+                        "partition (is REID_GROUP_ID the live stream's? without a live "
+                        "consumer, run with --no-live)", self.settings.group_id)  # fmt: skip
         last = self._caps or {}
         self._caps = {p: max(read.get(p, 0), last.get(p, 0)) for p in self._partitions}
         return dict(self._caps)

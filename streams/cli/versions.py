@@ -55,6 +55,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stop when caught up with the live group (else follow it until SIGTERM)",
     )
+    p.add_argument(
+        "--no-live",
+        action="store_true",
+        help="no live consumer runs: read to the end instead of holding at the live group's "
+        "committed offsets (events the database does not hold are skipped)",
+    )
     p.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
     p.add_argument(
         "--idle-s",
@@ -131,7 +137,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     embedder = build_embedder(settings, weights_path=weights)
     replayer = Replayer(
         settings, embedder, version=version, weights_path=weights, metrics=metrics,
-        progress=not args.no_progress, idle_s=args.idle_s,
+        progress=not args.no_progress, idle_s=args.idle_s, follow_live=not args.no_live,
     )  # fmt: skip
 
     def on_signal(signum: int, _frame: object) -> None:
