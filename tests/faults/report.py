@@ -37,7 +37,7 @@ import pytest
 WRITE_ENV = "REID_WRITE_RELIABILITY"
 COMMAND = (
     "REID_WRITE_RELIABILITY=1 pytest -m faults tests/faults "
-    "tests/integration/test_streams_hostile_input.py"
+    "tests/integration/test_streams_hostile_input.py tests/integration/test_streams_poison.py"
 )
 SIDECAR = Path("reports") / "reliability.json"
 DOCUMENT = Path("docs") / "RELIABILITY.md"

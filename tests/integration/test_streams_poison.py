@@ -34,6 +34,16 @@ from streams.versions import build_embedder
 from tests.conftest import zebra_images
 from tests.integration.test_streams_replay import settings_of
 
+# Part of the delivery guarantees: `pytest -m faults` runs it, and its rows go to RELIABILITY.md.
+pytestmark = pytest.mark.faults
+COMMAND = "pytest tests/integration/test_streams_poison.py"
+
+
+def row(scenario: str, sent: int, stored: int, dead: int, **extra: object) -> dict:
+    return {"scenario": scenario, "sent": sent, "stored": stored,
+            "lost": sent - stored - dead, "duplicated_rows": 0, "duplicate_deer": None,
+            "dead_lettered": dead, **extra}  # fmt: skip
+
 
 def small_jpeg(path, size: int = 64) -> bytes:
     out = io.BytesIO()
@@ -82,7 +92,9 @@ def stored_ids(database_url: str) -> set[str]:
         return {row[0] for row in conn.execute("SELECT detection_id FROM detections")}
 
 
-def test_an_event_the_database_refuses_is_dead_lettered_alone(stream_env, database_url):
+def test_an_event_the_database_refuses_is_dead_lettered_alone(
+    stream_env, database_url, reliability
+):
     env = {**stream_env, "REID_INPUT_SIZE": "64"}
     # A real per-event failure in the real store: a constraint only this camera breaks
     # (what a NUL byte or an out-of-range number did before the parser knew them).
@@ -115,6 +127,12 @@ def test_an_event_the_database_refuses_is_dead_lettered_alone(stream_env, databa
     assert sorted(json.loads(m.value())["detection_id"] for m in assigned) == sorted(
         f"good-{i}" for i in range(len(good))
     )
+    stored = len(stored_ids(database_url))
+    reliability.record(row(
+        "an event the database refuses (a CHECK constraint), and its repeat, in a batch of 14 "
+        "-> `unprocessable` (the batch bisected; dlq.exception psycopg.errors.CheckViolation); "
+        "the 12 others written", len(values), stored, outcome.dead_lettered,
+    ), command=f"{COMMAND} -k refuses")  # fmt: skip
 
 
 # -- generated events ---------------------------------------------------------------------
@@ -179,11 +197,12 @@ def edge_events(draw: st.DrawFn, photo: bytes) -> bytes:
 
 
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
-def test_generated_edge_events_never_fail_a_batch(stream_env, database_url):
+def test_generated_edge_events_never_fail_a_batch(stream_env, database_url, reliability):
     env = {**stream_env, "REID_INPUT_SIZE": "64", "REID_BATCH_MAX_SIZE": "16"}
     photo = small_jpeg(zebra_images(individuals=1, per_individual=1)[0][1])
     topic = env["REID_TOPIC_DETECTIONS"]
     offsets = iter(range(10**9))
+    totals = {"batches": 0, "sent": 0, "dead": 0, "reasons": set()}
 
     with live_processor(env) as processor:
 
@@ -204,12 +223,23 @@ def test_generated_edge_events_never_fail_a_batch(stream_env, database_url):
                 assert doc["detection_id"] in stored, (message.value, outcome)
             assert messages[-1].offset not in dead, outcome.dead_letters
             assert outcome.messages == len(messages)
+            totals["batches"] += 1
+            totals["sent"] += len(messages)
+            totals["dead"] += len(dead)
+            totals["reasons"] |= set(outcome.dead_letter_reasons)
 
         one_batch()
+    stored = len(stored_ids(database_url))
+    reasons = ", ".join(sorted(totals["reasons"]))
+    reliability.record(row(
+        f"{totals['batches']} generated batches of events at the edges of JSON, Python and "
+        "PostgreSQL (hypothesis) through the processor and the store; no batch fails",
+        totals["sent"], stored, totals["dead"], notes=f"dead-letter reasons seen: {reasons}",
+    ), command=f"{COMMAND} -k generated")  # fmt: skip
 
 
 def test_a_passing_file_error_retries_the_batch_and_loses_nothing(
-    stream_env, database_url, tmp_path, monkeypatch
+    stream_env, database_url, tmp_path, monkeypatch, reliability
 ):
     """EIO (or EMFILE, ESTALE...) reading an image_uri is not the event's fault: the batch
     fails like an outage, nothing is stored or dead-lettered, and the retry stores it."""
@@ -245,9 +275,16 @@ def test_a_passing_file_error_retries_the_batch_and_loses_nothing(
     assert outcome.dead_lettered == 0
     assert outcome.new_deer + outcome.assigned_existing == 2
     assert "by-uri" in stored_ids(database_url)
+    reliability.record(row(
+        "EIO reading an image_uri (a passing file error): the batch fails like an outage, "
+        "nothing stored or dead-lettered, the retry stores both events",
+        2, len(stored_ids(database_url)), outcome.dead_lettered,
+    ), command=f"{COMMAND} -k file_error")  # fmt: skip
 
 
-def test_a_dead_letter_too_large_for_the_producer_goes_out_truncated(stream_env):
+def test_a_dead_letter_too_large_for_the_producer_goes_out_truncated(
+    stream_env, database_url, reliability
+):
     """REID_MAX_MESSAGE_BYTES=300000 and a 1.2 MB event: its dead letter cannot be published
     as it is (that stalled the partition: the size error was retried for ever); it goes out
     truncated, with the original's size and digest, and the batch's good event is written."""
@@ -269,9 +306,16 @@ def test_a_dead_letter_too_large_for_the_producer_goes_out_truncated(stream_env)
     assert int(headers["dlq.original.size"]) == len(huge)
     assert headers["dlq.original.sha256"] == hashlib.sha256(huge).hexdigest().encode()
     assert len(dead.value()) < len(huge) and huge.startswith(dead.value())
+    reliability.record(row(
+        "a 1.2 MB event at REID_MAX_MESSAGE_BYTES=300000 -> `message_too_large`, its dead "
+        "letter published truncated (dlq.truncated, original size and sha256); the event "
+        "beside it written", 2, len(stored_ids(database_url)), outcome.dead_lettered,
+    ), command=f"{COMMAND} -k too_large")  # fmt: skip
 
 
-def test_a_batch_of_the_old_version_is_embedded_again_after_the_switch(stream_env, database_url):
+def test_a_batch_of_the_old_version_is_embedded_again_after_the_switch(
+    stream_env, database_url, reliability
+):
     """A batch embedded under V1 that would create a deer after `activate V2` is not written
     under V1 (a V2 worker could not see that deer): it waits for the switch, then is prepared
     and embedded again under V2 and written there."""
@@ -303,3 +347,7 @@ def test_a_batch_of_the_old_version_is_embedded_again_after_the_switch(stream_en
         ).fetchone()
         versions = {r[0] for r in conn.execute("SELECT embedding_version FROM deer_centroids")}
     assert version == v2 and versions == {v2}
+    reliability.record(row(
+        "a batch embedded under V1 that makes a new deer after `activate V2`: held, then "
+        "embedded again and written under V2 (no V1-only deer)", 1, 1, 0,
+    ), command=f"{COMMAND} -k switch")  # fmt: skip
