@@ -120,7 +120,7 @@ class StreamConsumer:
         self._on_batch = on_batch
         self._between_batches = between_batches
         while not self._stop.is_set():
-            self.lag.maybe_sample(self._consumer)
+            self.lag.maybe_sample(self._consumer, fetching=True)
             self._settle()
             if self._between_batches is not None:
                 self._between_batches()

@@ -1,8 +1,11 @@
 """Consumer lag per partition: the partition's end offset minus the group's committed offset.
 
-Sampled from the consumer's own thread every ``interval_s`` (not per batch: each partition
-costs a broker round trip). Only partitions this member owns are exported, so summing over
-the group's members counts each partition once.
+Sampled from the consumer's own thread every ``interval_s``. While the consumer fetches, the
+end offsets are the ones librdkafka keeps from its fetch responses (``cached``: no broker
+round trip; asking the embedded broker for four partitions stalled the loop about 1.5 s every
+sample, the whole p99 of the latency benchmark). While the partitions are paused (an outage,
+when lag matters most) nothing is fetched, so the broker is asked. Only partitions this member
+owns are exported, so summing over the group's members counts each partition once.
 
 On the embedded tansu broker the high watermark is wrong (the start of the last record batch
 + 1), so these values are wrong there; on Apache Kafka they are exact.
@@ -34,17 +37,19 @@ class LagSampler:
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
 
-    def maybe_sample(self, consumer: Consumer) -> None:
+    def maybe_sample(self, consumer: Consumer, *, fetching: bool = False) -> None:
+        """Sample when the interval is over; ``fetching``: the consumer is fetching every
+        partition it owns, so the end offsets cached from its fetches are current."""
         now = time.monotonic()
         if now < self._next:
             return
         self._next = now + self.interval_s
         try:
-            self._sample(consumer)
+            self._sample(consumer, cached=fetching)
         except KafkaException as err:  # a broker hiccup costs one sample, not the batch
             log.debug("lag: sample failed: %s", err)
 
-    def _sample(self, consumer: Consumer) -> None:
+    def _sample(self, consumer: Consumer, *, cached: bool) -> None:
         owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         self.metrics.assigned_partitions.set(len(owned))
         for key in self._exported - owned:  # moved to another member: its series, not ours
@@ -59,8 +64,10 @@ class LagSampler:
                     self._committed[(tp.topic, tp.partition)] = tp.offset
         for key in sorted(owned):
             low, high = consumer.get_watermark_offsets(
-                TopicPartition(*key), timeout=2.0, cached=False
+                TopicPartition(*key), timeout=2.0, cached=cached
             )
+            if high < 0:  # nothing fetched from it yet: no cached end offset
+                continue
             committed = self._committed.get(key, -1)
             start = committed if committed >= 0 else low  # auto.offset.reset=earliest
             self.metrics.consumer_lag.labels(topic=key[0], partition=str(key[1])).set(
