@@ -61,6 +61,7 @@ class StreamConsumer:
         # ILLEGAL_GENERATION during a cooperative rebalance): committed on the next pass.
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._abandoned: list[Completed] = []
+        self._assigned = False  # partitions were assigned since the loop last resumed them
         self._on_batch: Callable[[BatchOutcome], None] | None = None
         self._between_batches: Callable[[], None] | None = None
         self.lag = LagSampler(metrics, settings.lag_interval_s)
@@ -120,6 +121,11 @@ class StreamConsumer:
         self._on_batch = on_batch
         self._between_batches = between_batches
         while not self._stop.is_set():
+            if self._assigned:
+                # librdkafka keeps a partition's pause across a rebalance: one paused while
+                # we served the group and lost, then assigned again, would never be fetched.
+                self._assigned = False
+                self._consumer.resume(self._consumer.assignment())
             self.lag.maybe_sample(self._consumer, fetching=True)
             self._settle()
             if self._between_batches is not None:
@@ -311,6 +317,7 @@ class StreamConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoked.difference_update((p.topic, p.partition) for p in partitions)
+        self._assigned = True  # resumed by the loop: they are not assigned until we return
         log.info("consumer: assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -6,16 +6,20 @@ so its log cannot tell a revocation that waited for batches from one that moved 
 partitions. This wraps, in the worker process only, the pipeline's submit/take_completed
 (to know the partitions of each batch in flight) and the runner's revocation callback (to
 log, on entry, how many batches are in flight and how many of them hold a revoked
-partition); everything else is the real command.
+partition), and slows each batch's finish stage by PROBE_FINISH_DELAY_S (0.3 s) so that batches
+are in flight whenever events keep coming; everything else is the real command.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import runpy
 import threading
+import time
 from collections import deque
 
+from streams.processor import BatchProcessor
 from streams.runners.confluent import StreamConsumer, _names
 from streams.runners.pipeline import Pipeline
 
@@ -26,6 +30,11 @@ _in_flight: deque[frozenset[tuple[str, int]]] = deque()  # batches in submission
 _submit = Pipeline.submit
 _take_completed = Pipeline.take_completed
 _on_revoke = StreamConsumer._on_revoke
+_finish = BatchProcessor.finish
+# Each batch's finish stage takes this much longer, so that while events keep coming the
+# pipeline always holds batches when a revocation begins (on an idle machine the batches
+# were written so fast that the revocations found none in flight: nothing was tested).
+FINISH_DELAY_S = float(os.environ.get("PROBE_FINISH_DELAY_S", "0.3"))
 
 
 def submit(self, messages):  # type: ignore[no-untyped-def]
@@ -52,7 +61,13 @@ def on_revoke(self, consumer, partitions):  # type: ignore[no-untyped-def]
     return _on_revoke(self, consumer, partitions)
 
 
+def finish(self, batch):  # type: ignore[no-untyped-def]
+    time.sleep(FINISH_DELAY_S)
+    return _finish(self, batch)
+
+
 Pipeline.submit = submit  # type: ignore[method-assign]
+BatchProcessor.finish = finish  # type: ignore[method-assign]
 Pipeline.take_completed = take_completed  # type: ignore[method-assign]
 StreamConsumer._on_revoke = on_revoke  # type: ignore[method-assign]
 
