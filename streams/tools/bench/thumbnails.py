@@ -18,6 +18,7 @@ import numpy as np
 
 from reid.matching import l2_normalise, merge_centroid
 from reid.preprocess import Preprocess, crop, decode_image
+from sinks.migrate import create_database, drop_database, migrate, sibling_url
 from sinks.records import DetectionRow
 from sinks.store import PgStore
 from streams.images import ThumbnailSpec, thumbnail_jpeg
@@ -53,11 +54,19 @@ def write_times(
     batch_size: int = 32, deer: int = 64,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """``write_batch`` of ``batch_size`` rows onto existing deer, alternating batches with and
-    without thumbnails; ms per batch for each."""
+    without thumbnails; ms per batch for each. In a scratch database (dropped after): the
+    bench's deer and version must not enter the stream's (whose active version alone may
+    create deer)."""
     thumbs = [t for t in (thumbnail_jpeg(crop(decode_image(p), None), spec) for p in photos) if t]
     rng = np.random.default_rng(0)
-    version = f"bench-thumbs-{uuid.uuid4().hex[:8]}"
-    store = PgStore(database_url)
+    tag = uuid.uuid4().hex[:8]
+    version = f"bench-thumbs-{tag}"
+    admin_url = sibling_url(database_url, "postgres")
+    scratch = f"reid_thumbs_bench_{tag}"
+    create_database(admin_url, scratch)
+    scratch_url = sibling_url(database_url, scratch)
+    migrate(scratch_url)
+    store = PgStore(scratch_url)
     store.start()
     try:
         made = store.write_batch(version, deer, [_row_of(rng, f"{version}-seed-{i}", None, i)
@@ -76,6 +85,7 @@ def write_times(
             times[mode].append(time.perf_counter() - t0)
     finally:
         store.stop()
+        drop_database(admin_url, scratch)
     return [_row(f"write_batch of {batch_size} rows", m, times[m], batches) for m in ("off", "on")]
 
 
