@@ -88,7 +88,7 @@ def test_review_in_a_real_browser(browser, review, database_url, tmp_path):
 
     # Confirm the first flagged detection.
     items[0].find_element(By.CSS_SELECTOR, "button.confirm").click()
-    assert f"Confirmed {first}." in browser.find_element(By.CSS_SELECTOR, ".flash.ok").text
+    assert f"Confirmed {first}." in flash(browser)
     left = [s.get_attribute("data-detection") for s in
             browser.find_elements(By.CSS_SELECTOR, "section.item")]  # fmt: skip
     assert first not in left and len(left) == len(herd.flagged) - 1
@@ -101,8 +101,7 @@ def test_review_in_a_real_browser(browser, review, database_url, tmp_path):
     merge.find_element(By.NAME, "other").send_keys(str(other))
     merge.find_element(By.NAME, "reason").send_keys("same stripes")
     merge.find_element(By.CSS_SELECTOR, "button").click()
-    assert f"Merged deer {other} into deer {keep}." in browser.find_element(
-        By.CSS_SELECTOR, ".flash.ok").text  # fmt: skip
+    assert f"Merged deer {other} into deer {keep}." in flash(browser)
     merged = Counter(herd.deer_of.values())[other]
     assert int(browser.find_element(By.ID, "sightings").text) == before + merged
     browser.get(f"{base}/deer/{other}")  # the old id leads to the survivor
@@ -130,3 +129,15 @@ def test_review_in_a_real_browser(browser, review, database_url, tmp_path):
     assert events[0]["detections"] == [first]
     assert (events[1]["deer_id"], events[1]["other_deer_id"]) == (str(keep), str(other))
     assert events[1]["reason"] == "same stripes"
+
+
+def flash(browser, timeout_s: float = 15.0) -> str:
+    """The confirmation a form's POST leads to: click() returns before the next page has
+    loaded, so wait for it (on a busy machine the old page is still there for a while)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    found = WebDriverWait(browser, timeout_s).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".flash.ok")
+    )
+    return found[0].text
