@@ -6,7 +6,7 @@ so its log cannot tell a revocation that waited for batches from one that moved 
 partitions. This wraps, in the worker process only, the pipeline's submit/take_completed
 (to know the partitions of each batch in flight) and the runner's revocation callback (to
 log, on entry, how many batches are in flight and how many of them hold a revoked
-partition), and slows each batch's finish stage by PROBE_FINISH_DELAY_S (0.3 s) so that batches
+partition), and slows each batch's finish stage by PROBE_FINISH_DELAY_S (1.2 s) so that batches
 are in flight whenever events keep coming; everything else is the real command.
 """
 
@@ -31,10 +31,12 @@ _submit = Pipeline.submit
 _take_completed = Pipeline.take_completed
 _on_revoke = StreamConsumer._on_revoke
 _finish = BatchProcessor.finish
-# Each batch's finish stage takes this much longer, so that while events keep coming the
-# pipeline always holds batches when a revocation begins (on an idle machine the batches
-# were written so fast that the revocations found none in flight: nothing was tested).
-FINISH_DELAY_S = float(os.environ.get("PROBE_FINISH_DELAY_S", "0.3"))
+# Each batch's finish stage takes this much longer than its forward pass, so that batches
+# queue before it and the pipeline is full while events keep coming: the consumer thread then
+# serves the group (and meets revocations) with batches in flight. With a finish shorter than
+# the forward pass, the adaptive window submitted one batch at a time and the revocations,
+# served while the next window filled, found none in flight: nothing was tested.
+FINISH_DELAY_S = float(os.environ.get("PROBE_FINISH_DELAY_S", "1.2"))
 
 
 def submit(self, messages):  # type: ignore[no-untyped-def]
