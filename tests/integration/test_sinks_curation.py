@@ -16,21 +16,11 @@ from reid.matching import l2_normalise, merge_centroid
 from sinks.aliases import aliases_of
 from sinks.curation import CurationRefused
 from sinks.curation_reads import changes_since, history, resolve, review_queue, show
-from sinks.migrate import migrate
 from sinks.pg import NEW_DEER_LOCK_KEY
 from sinks.store import PgStore
 from tests.herd import VERSION, seed_herd
 
 OTHER_VERSION = "herd-v2"
-
-
-@pytest.fixture()
-def store(database_url):
-    migrate(database_url)
-    s = PgStore(database_url)
-    s.start()
-    yield s
-    s.stop()
 
 
 def herd_invariants(database_url: str) -> None:

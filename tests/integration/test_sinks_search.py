@@ -7,11 +7,11 @@ import psycopg
 
 from sinks.search import similar_detections, stored_vectors
 from sinks.store import PgStore
-from tests.integration.test_sinks_store import VERSION, normalised_mean, row, store  # noqa: F401
+from tests.integration.test_sinks_store import VERSION, normalised_mean, row
 
 
 def test_similar_detections_finds_the_same_animal_first_and_uses_the_index(
-    store: PgStore,  # noqa: F811
+    store: PgStore,
     database_url: str,
 ) -> None:
     rng = np.random.default_rng(7)
@@ -52,7 +52,7 @@ def test_similar_detections_finds_the_same_animal_first_and_uses_the_index(
         assert stored_vectors(conn, "no-such-version", "det-100") is None
 
 
-def test_similar_command_prints_the_nearest_detections(store: PgStore, database_url: str) -> None:  # noqa: F811
+def test_similar_command_prints_the_nearest_detections(store: PgStore, database_url: str) -> None:
     import json
     import os
     import subprocess

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
 import pytest
 
-from sinks.migrate import migrate
 from sinks.records import DetectionRow
 from sinks.store import PgStore, StoreUnavailable
 
@@ -62,15 +60,6 @@ def row(
         source_offset=100 + minutes,
         processed_at=processed_at or datetime.now(UTC),
     )
-
-
-@pytest.fixture()
-def store(database_url: str) -> Iterator[PgStore]:
-    migrate(database_url)
-    s = PgStore(database_url)
-    s.start()
-    yield s
-    s.stop()
 
 
 def seed_deer(store: PgStore, rng: np.random.Generator) -> tuple[int, DetectionRow]:

@@ -4,27 +4,15 @@ has no centroid of the batch's version (nothing could compare the batch's animal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import psycopg
 import pytest
 
-from sinks.migrate import migrate
 from sinks.registry import VersionSpec
 from sinks.store import NewDeerDeferred, PgStore
 from tests.integration.test_sinks_store import normalised_mean, row
 
 V1, V2 = "switch-v1", "switch-v2"
-
-
-@pytest.fixture()
-def store(database_url: str) -> Iterator[PgStore]:
-    migrate(database_url)
-    s = PgStore(database_url)
-    s.start()
-    yield s
-    s.stop()
 
 
 def deer_total(database_url: str) -> int:
