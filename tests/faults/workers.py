@@ -17,6 +17,7 @@ from typing import Any
 
 from streams.tools.stack import free_port
 from tests.faults.stream import Sighting
+from tests.integration.test_streams_end_to_end import scrape
 
 REPO = Path(__file__).resolve().parents[2]
 SHUTDOWN_TIMEOUT_S = 20.0
@@ -76,14 +77,7 @@ class Worker:
         return f"{head}\n{text}"
 
     def metrics(self, timeout: float = 5.0) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=timeout).read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return scrape(self.metrics_port, timeout)
 
     def readyz(self, timeout: float = 2.0) -> int | None:
         """The /readyz status code, or None when it did not answer within ``timeout``."""

@@ -39,8 +39,10 @@ def produce(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> dict
     return ends
 
 
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
+    """Every sample of the /metrics page on ``port``, by its name with labels."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
