@@ -27,7 +27,7 @@ from tests.conftest import stream_environment
 from tests.faults.checks import Verdict, verify
 from tests.faults.stream import PARTITIONS, Sighting, Stream
 from tests.faults.workers import SHUTDOWN_TIMEOUT_S, FaultTestError, Feeder, Worker, wait_for
-from tests.integration.running import process_tree
+from tests.integration.running import hung
 
 # What every consumer process of a fault test runs with (besides addresses and names).
 WORKER_SETTINGS = {
@@ -235,19 +235,13 @@ class FaultRun:
         backend), for the body of the ``with``: it hangs, keeping its data and connections.
         SIGCONT on exit and, whatever happens, when the run closes. Yields the pids."""
         assert self.stack.info is not None
-        pids = process_tree(self.stack.info.pids[name])
-        self.frozen[name] = pids
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        # No row count while frozen: a query to a frozen PostgreSQL would hang too.
-        self.mark(f"{name} frozen ({len(pids)} processes)", rows=name != "postgres")
         try:
-            yield pids
+            with hung(self.stack.info.pids[name]) as pids:
+                self.frozen[name] = pids
+                # No row count while frozen: a query to a frozen PostgreSQL would hang too.
+                self.mark(f"{name} frozen ({len(pids)} processes)", rows=name != "postgres")
+                yield pids
         finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
             self.frozen.pop(name, None)
             self.mark(f"{name} resumed")
 
