@@ -29,71 +29,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from streams.tools.stack import free_port
+from tests.proxy import TcpProxy
 
 PRODUCE_API_KEY = 0
 
 
-class KafkaProxy:
-    """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target``, one thread per direction."""
+class KafkaProxy(TcpProxy):
+    """A TcpProxy that reads the client's requests frame by frame, to refuse Produce."""
 
     def __init__(self, port: int, target: int) -> None:
-        self.port = port
-        self.target = target
+        super().__init__(port, target)
         self.refuse_produce = threading.Event()
         self.produce_refused = 0  # connections dropped on a Produce request
-        self.cut_connections = 0  # connections closed by cut()
-        self._listener: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
 
-    @property
-    def up(self) -> bool:
-        return self._listener is not None
-
-    def start(self) -> None:
-        """Listen (again) on the same port."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        """Stop listening (new connections are refused) and close every open connection."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, set()
-        self.cut_connections += len(conns) // 2
-        for conn in conns:
-            _close(conn)
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # cut
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                _close(client)
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                if self._listener is not listener:  # cut meanwhile
-                    _close(client)
-                    _close(upstream)
-                    return
-                self._conns |= {client, upstream}
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._copy, args=(upstream, client), daemon=True).start()
-
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _forward(self, client: socket.socket, upstream: socket.socket) -> None:
         """Client to broker, one request frame at a time (4-byte size, then the request whose
         first two bytes are its API key)."""
         try:
@@ -107,20 +56,6 @@ class KafkaProxy:
         except OSError:
             pass
         self._drop(client, upstream)
-
-    def _copy(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        self._drop(source, sink)
-
-    def _drop(self, *conns: socket.socket) -> None:
-        with self._lock:
-            self._conns -= set(conns)
-        for conn in conns:
-            _close(conn)
 
 
 class ProxiedBroker:
@@ -193,9 +128,3 @@ def _read(conn: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _close(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
-    conn.close()

@@ -6,9 +6,6 @@ re-check under the advisory lock), then ``put`` of the committed centroids.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -25,6 +22,7 @@ from sinks.records import BatchWriteResult, DeerCentroid, DetectionRow
 from sinks.store import PgStore
 from streams.gallery import GalleryLoader
 from streams.tools.stack import free_port
+from tests.proxy import TcpProxy
 
 VERSION = "gallery-v1"
 DIM = 512
@@ -257,78 +255,21 @@ def test_refresh_margin_catches_a_transaction_that_committed_after_the_read(
     assert new_id not in blind.loader.load(VERSION).deer_ids.tolist()
 
 
-class RedisProxy:
-    """A TCP forwarder in front of the real Redis: ``down()`` cuts every connection and
-    refuses new ones, ``up()`` serves again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def up(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def down(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            # shutdown() first: close() alone does not wake the thread blocked in accept().
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for s in sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
 def test_redis_down_falls_back_to_postgres_and_recovers(
     workers, redis_url: str, unique: str
 ) -> None:
-    proxy = RedisProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    # Redis behind a proxy that cut() takes down (connections closed, new ones refused).
+    proxy = TcpProxy(free_port(), int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxy.start()
+    proxy_url = f"redis://127.0.0.1:{proxy.port}/0"
     try:
         herd = Herd(seed=6, animals=30)
-        a = workers(cache_url=proxy.url, refresh_s=3600)
+        a = workers(cache_url=proxy_url, refresh_s=3600)
         rng = np.random.default_rng(7)
         a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))
         assert a.counter("reid_cache_errors_total") == 0
 
-        proxy.down()
+        proxy.cut()
         a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))  # its cache write fails
         errors = a.counter("reid_cache_errors_total")
         assert errors >= 1
@@ -337,12 +278,12 @@ def test_redis_down_falls_back_to_postgres_and_recovers(
         assert_same(a.held(), a.store.load_centroids(VERSION))  # memory never went wrong
 
         # A worker starting while Redis is down reads Postgres, and counts the failure.
-        b = workers(cache_url=proxy.url, refresh_s=3600)
+        b = workers(cache_url=proxy_url, refresh_s=3600)
         b.loader.load(VERSION)
         assert b.counter("reid_cache_errors_total") >= 1
         assert_same(b.held(), b.store.load_centroids(VERSION))
 
-        proxy.up()
+        proxy.start()
         misses = a.counter("reid_cache_requests_total", result="miss")
         before = len(a.store.load_centroids(VERSION))
         a.batch(*herd.sightings(list(rng.integers(0, 30, size=12))))
@@ -360,7 +301,7 @@ def test_redis_down_falls_back_to_postgres_and_recovers(
         assert read is not None and read.missing_ids == []
         assert_same(sorted(read.centroids, key=lambda c: c.deer_id), truth)
     finally:
-        proxy.down()
+        proxy.cut()
 
 
 def test_forget_drops_memory_and_a_later_load_reads_again(workers) -> None:
