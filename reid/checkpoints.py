@@ -19,9 +19,7 @@ Checkpoints are dicts of tensors and plain containers, read with ``weights_only=
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reid.atomic_files import atomic_write
 from reid.backbones import Ensemble
 from reid.members import (
     DEFAULT_MEMBERS,
@@ -222,17 +221,9 @@ def load_stream_checkpoint(path: Path, *, seed: int = 0) -> LoadedEnsemble:
 
 
 def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
-    # A temp file in the same folder, then a rename: a reader never sees half a checkpoint.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A reader never sees half a checkpoint.
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from reid.atomic_files import atomic_write
 
 TORCH_BASE = "https://download.pytorch.org"
 HF_BASE = "https://huggingface.co"
@@ -252,23 +253,14 @@ def download(
 ) -> str:
     """Fetch ``file`` to ``dest`` atomically and verify it; returns its sha256."""
     url = file.url(base_url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _fetch(url, out, progress=progress, timeout_s=timeout_s, dest=dest, file=file)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_write(dest, suffix=".part") as out:
+        digest = _fetch(url, out, progress=progress, timeout_s=timeout_s, dest=dest, file=file)
         check, want = _expected(file, dest)
         if check != "unrecorded" and not digest.startswith(want):
             raise HubError(
                 f"{url}: sha256 {digest[:16]}... does not match the {check} {want[:16]}...; "
                 f"refused, nothing written to {dest}"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if not file.sha256:
         # Recorded at the first download, checked from then on (`verify`, later pulls).
         _write_text_atomically(_record_path(dest), f"{digest}  {dest.name}\n")
@@ -315,14 +307,8 @@ def _write_hf_ref(repo_dir: Path) -> None:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
 
 
 def local_file(member_file: str, caches: Caches | None = None) -> Path | None:

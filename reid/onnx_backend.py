@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from reid.atomic_files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,15 @@ def export_onnx(
         raise OnnxExportError(f"export the model from the CPU, not {params[0].device}")
     was_training = module.training
     module.eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter is deprecated in favour of dynamo=True, which needs
             # onnxscript; this one is the path measured to match PyTorch here (7e-5).
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
                 (example,),
-                tmp,
+                str(tmp),
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=list(output_names),
@@ -106,7 +105,6 @@ def export_onnx(
                 opset_version=OPSET,
                 do_constant_folding=True,
             )
-        os.replace(tmp, path)
     except torch.onnx.errors.OnnxExporterError as exc:
         raise OnnxExportError(
             f"cannot export the model to ONNX at input size {height}x{width}: {_first_line(exc)}"
@@ -114,7 +112,6 @@ def export_onnx(
             " divide evenly: input sides that are multiples of 32, like 96, 128, 224)"
         ) from exc
     finally:
-        Path(tmp).unlink(missing_ok=True)
         module.train(was_training)
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reid.atomic_files import atomic_write
 from streams.events import InvalidEvent, dead_letter_headers
 
 if TYPE_CHECKING:
@@ -183,32 +182,9 @@ def keep_original(folder: Path, value: bytes, digest: str) -> Path | None:
         target = folder.resolve() / f"{digest}.bin"
         if target.is_file() and target.stat().st_size == len(value):
             return target
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{digest}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(value)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        with atomic_write(target) as out:
+            out.write(value)
         return target
     except OSError as err:
         log.error("dead letter: cannot keep the original in %s: %s", folder, err)
         return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (a crash after it must not lose the file's name)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
