@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         description="With the model idle, flush once nothing more is buffered and the first "
         "event waited this long (= max wait: a fixed window)",
     )  # fmt: skip
+    kafka_fetch_wait_ms: int = Field(
+        500, ge=0, le=60_000,
+        description="How long the broker may hold a fetch while nothing new is there (Apache "
+        "Kafka answers at once when an event arrives; the embedded broker only when this "
+        "expires, so the embedded stack sets 10)",
+    )  # fmt: skip
     pipeline_depth: int = Field(
         3, ge=1, le=16,
         description="Batches in flight at once (decode, embed, write overlap); 1 = one at a time",
@@ -295,6 +301,7 @@ class Settings(BaseSettings):
                 "partition.assignment.strategy": "cooperative-sticky",
                 "fetch.max.bytes": max(52_428_800, self.max_message_bytes * 2),
                 "max.partition.fetch.bytes": max(1_048_576, self.max_message_bytes + 1024),
+                "fetch.wait.max.ms": self.kafka_fetch_wait_ms,
             }
         )
         return conf

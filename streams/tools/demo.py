@@ -31,13 +31,7 @@ def run_demo(
     stack = EmbeddedStack(state_dir)
     info = stack.up()
     try:
-        settings = load_settings(
-            kafka_bootstrap_servers=info.kafka_bootstrap,
-            database_url=info.database_url,
-            redis_url=info.redis_url,
-            metrics_port=0,
-            **overrides,
-        )
+        settings = load_settings(**{**info.settings(), "metrics_port": 0, **overrides})
         migrate(settings.database_url.get_secret_value())
         ensure_stream_topics(
             settings,

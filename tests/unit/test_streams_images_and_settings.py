@@ -169,3 +169,18 @@ def test_curation_settings(monkeypatch):
     s = load_settings()
     assert s.review_token.get_secret_value() == "s3cr3t-v4lue" and "s3cr3t" not in repr(s)
     assert s.thumbnail_px == 0
+
+
+def test_the_embedded_stack_exports_a_short_fetch_wait(monkeypatch):
+    from streams.tools.stack import EMBEDDED_FETCH_WAIT_MS, StackInfo
+
+    info = StackInfo(kafka_port=19092, postgres_port=15432, redis_port=16379)
+    env = info.env()
+    assert env["REID_KAFKA_BOOTSTRAP_SERVERS"] == "127.0.0.1:19092"
+    for name, value in env.items():  # what `stack up` prints is what the settings read
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    assert s.consumer_config()["fetch.wait.max.ms"] == EMBEDDED_FETCH_WAIT_MS
+    assert s.redis_url.get_secret_value() == info.redis_url
+    monkeypatch.delenv("REID_KAFKA_FETCH_WAIT_MS")
+    assert load_settings().consumer_config()["fetch.wait.max.ms"] == 500  # a real cluster's

@@ -71,11 +71,7 @@ def bench_servers(use_env: bool) -> Iterator[dict[str, Any]]:
         stack = EmbeddedStack(Path(state))
         info = stack.up()
         try:
-            yield {
-                "kafka_bootstrap_servers": info.kafka_bootstrap,
-                "database_url": info.database_url,
-                "redis_url": info.redis_url,
-            }
+            yield info.settings()
         finally:
             stack.down()
 
