@@ -71,3 +71,18 @@ def test_latency_rows_at_each_rate_with_both_windows(monkeypatch: pytest.MonkeyP
     assert all(s.batch_max_size == 16 for s, _, _ in runs)
     assert rows[0]["p50_ms"] == pytest.approx(54.0) and rows[1]["p50_ms"] == pytest.approx(254.0)
     assert all(r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in rows)
+
+
+def test_latency_rows_break_the_batch_down_by_stage() -> None:
+    from sinks.metrics import StreamMetrics
+    from streams.tools.bench.stream import mean_stage_ms, stage_totals
+
+    metrics = StreamMetrics()
+    metrics.stage_seconds.labels(stage="embed").observe(5.0)  # before the measured part
+    before = stage_totals(metrics.registry)
+    for seconds in (0.090, 0.110):
+        metrics.stage_seconds.labels(stage="embed").observe(seconds)
+    metrics.stage_seconds.labels(stage="persist").observe(0.004)
+    means = mean_stage_ms(before, stage_totals(metrics.registry))
+    # Per batch of the measured part only; "decode" did not run, so it is not reported.
+    assert means == {"embed": pytest.approx(100.0), "persist": pytest.approx(4.0)}

@@ -119,6 +119,7 @@ def latency_section(
                 "p50_ms": round(float(np.percentile(values, 50)), 1),
                 "p99_ms": round(float(np.percentile(values, 99)), 1),
                 "max_ms": round(float(values.max()), 1),
+                **{f"{stage}_ms": ms for stage, ms in run.stage_ms.items()},
             })  # fmt: skip
 
 

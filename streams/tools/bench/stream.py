@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class StreamRun:
     seconds: float
     batches: int
     assignments_ms: dict[str, float]  # detection_id -> when its assignment record was made
+    # Mean ms per batch of the processor's stages over the measured events (reid_stage_*).
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def events_per_s(self) -> float:
@@ -115,6 +117,7 @@ def run_stream(
             raise TimeoutError(f"bench: {runner} consumed nothing in {timeout_s:.0f}s")
         done.clear()
         warm_up = set(feed.sent_ms)  # its latency is the group join: not the stream's
+        stages_before = stage_totals(app.metrics.registry)
         seen.update(messages=0, batches=0, target=len(photos))
         bar = progress_bar(f"bench {runner}", total=len(photos))
         timing["start"] = time.perf_counter()
@@ -125,6 +128,7 @@ def run_stream(
         feed.flush()
         if not done.wait(timeout_s):
             raise TimeoutError(f"bench: {runner} did not finish {len(photos)} events in time")
+        stage_ms = mean_stage_ms(stages_before, stage_totals(app.metrics.registry))
     finally:
         bar.close()
         app.consumer.request_stop()
@@ -139,7 +143,37 @@ def run_stream(
         _kind, ts = record.timestamp()
         made[json.loads(record.value())["detection_id"]] = float(ts)
     latency = {d: made[d] - feed.sent_ms[d] for d in made if d in feed.sent_ms and d not in warm_up}
-    return StreamRun(len(photos), timing["end"] - timing["start"], seen["batches"], latency)
+    return StreamRun(
+        len(photos), timing["end"] - timing["start"], seen["batches"], latency, stage_ms
+    )
+
+
+# The processor's stages a latency row breaks down (sinks.metrics.STAGES, less the commit's).
+BENCH_STAGES = ("decode", "embed", "match", "persist", "publish")
+
+
+def stage_totals(registry: Any) -> dict[str, tuple[float, float]]:
+    """(seconds, batches) so far of each stage's ``reid_stage_duration_seconds``."""
+    totals = {}
+    for stage in BENCH_STAGES:
+        labels = {"stage": stage}
+        seconds = registry.get_sample_value("reid_stage_duration_seconds_sum", labels) or 0.0
+        count = registry.get_sample_value("reid_stage_duration_seconds_count", labels) or 0.0
+        totals[stage] = (seconds, count)
+    return totals
+
+
+def mean_stage_ms(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean ms per batch of each stage between two ``stage_totals``; stages that did not run
+    in between are left out."""
+    means = {}
+    for stage, (seconds, count) in after.items():
+        batches = count - before[stage][1]
+        if batches > 0:
+            means[stage] = round(1000 * (seconds - before[stage][0]) / batches, 1)
+    return means
 
 
 def _pace(start: float, index: int, rate: float) -> None:
