@@ -32,7 +32,7 @@ PG_SERVICE_USER = "embedded_postgres"
 
 
 # The consumer's fetch wait on the embedded broker (StackInfo.settings).
-EMBEDDED_FETCH_WAIT_MS = 10
+EMBEDDED_FETCH_WAIT_MS = 50
 
 
 class StackError(RuntimeError):

@@ -17,7 +17,7 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    names = ("model", "stream", "naive", "latency", "memory", "precision", "matching",
+    names = ("model", "stream", "naive", "latency", "transit", "memory", "precision", "matching",
              "vector_search", "replay", "thumbnails")  # fmt: skip
     for name in names:
         assert sections.get(name), f"section {name} missing: {report['notes']}"
@@ -42,6 +42,11 @@ def test_bench_quick_prints_a_table_and_writes_the_same_figures(tmp_path):
     assert abs(naive["ratio_batched_to_naive"] - ratio) <= 0.01 * ratio + 0.01
     latency = sections["latency"][0]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["embed_ms"] > 0 and latency["persist_ms"] > 0  # where the time went
+    transit = sections["transit"]
+    assert [r["fetch_wait_ms"] for r in transit] == list(report["plan"]["transit_waits_ms"])
+    assert all(r["events"] == report["plan"]["transit_events"] for r in transit)
+    assert all(0 < r["p50_ms"] <= r["p90_ms"] <= r["max_ms"] for r in transit)
     assert sections["memory"][0]["peak_rss_mb"] > 0
     assert {r["deer"] for r in sections["matching"]} >= set(report["plan"]["deer_counts"])
     assert all(r["share_of_batch"] > 0 for r in sections["matching"])

@@ -15,7 +15,8 @@ Sections (each a list of rows in the JSON, a table on stdout):
    HNSW top-5 over stored detections vs exact search.
 5. ``latency``: p50 / p99 from the event's produce timestamp to its assignment record, with
    the input fed at 3 events/s and at about half of the measured maximum throughput, with the
-   adaptive batch window and with the fixed one it replaced.
+   adaptive batch window and with the fixed one it replaced; and ``transit``, the first hop
+   alone (produce to consume, no model) for each consumer fetch wait.
 6. ``memory``: peak resident memory of the process (the consumer runs in it) and peak GPU
    memory where there is a GPU.
 7. ``replay``: re-embedding rate of stored detections under a new version.
@@ -53,6 +54,7 @@ from streams.tools.bench.report import (
     machine_info,
 )
 from streams.tools.bench.stream import bench_photos
+from streams.tools.bench.transit import transit_section
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,12 @@ def run_bench(
                 )
             if section("naive"):
                 bench_sections.naive_section(report, plan, settings_for, embedder, photos)
-            if section("latency") and best:
-                bench_sections.latency_section(report, plan, settings_for, embedder, photos, best)
+            if section("latency"):
+                transit_section(report, plan, settings_for)
+                if best:
+                    bench_sections.latency_section(
+                        report, plan, settings_for, embedder, photos, best
+                    )
             bench_sections.memory_section(report)
             if section("precision"):
                 bench_sections.precision_section(report, settings, embedder, photos[:64])

@@ -41,6 +41,9 @@ class BenchPlan:
     latency_rates: tuple[float | None, ...] = (3.0, None)
     # "adaptive": the settings' window; "fixed": REID_BATCH_MIN_WAIT_MS = max wait (the old one).
     latency_windows: tuple[str, ...] = ("adaptive", "fixed")
+    # The latency section's first hop alone (bench/transit.py): produce to consume per fetch wait.
+    transit_waits_ms: tuple[int, ...] = (500, 50, 10)
+    transit_events: int = 30
     replay_events: int = 200
     individuals: int = 40
     int8_calibration: int = 64  # crops the INT8 model is calibrated on
@@ -53,7 +56,7 @@ class BenchPlan:
             input_size=64, batch_sizes=(1, 8), stream_batch=8, stream_events=32, naive_events=8,
             model_seconds=0.3, deer_counts=(1_000,), search_sizes=(2_000,),
             latency_seconds=3.0, latency_windows=("adaptive",), replay_events=16, individuals=6,
-            int8_calibration=8,
+            int8_calibration=8, transit_waits_ms=(50,), transit_events=3,
         )  # fmt: skip
 
     @classmethod
