@@ -77,10 +77,12 @@ def _produce(producer: Producer, topic: str, i: int) -> None:
 
 
 def _consume(consumer: Consumer, count: int, deadline: float) -> list[float]:
-    """Each message's ms since the produce time it carries, until ``count`` arrived."""
+    """Each message's ms since the produce time it carries, until ``count`` arrived. One
+    message per call: asking for more makes librdkafka hold the first until the rest came
+    or the call's timeout passed, which would be measured as transit."""
     out: list[float] = []
     while len(out) < count and time.monotonic() < deadline:
-        for msg in consumer.consume(num_messages=count - len(out), timeout=0.2):
+        for msg in consumer.consume(num_messages=1, timeout=0.2):
             if msg.error() is None:
                 out.append(time.time() * 1000 - float(msg.value()))
     return out
