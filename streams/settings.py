@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         500, ge=0, le=60_000,
         description="How long the broker may hold a fetch while nothing new is there (Apache "
         "Kafka answers at once when an event arrives; the embedded broker only when this "
-        "expires, so the embedded stack sets 10)",
+        "expires, so the embedded stack sets 50)",
     )  # fmt: skip
     pipeline_depth: int = Field(
         3, ge=1, le=16,
