@@ -2,8 +2,9 @@
 
 Checkpoints, ONNX exports, downloaded weights and kept dead letters are all written the same
 way: to a temporary file in the destination's folder (so the rename stays on one file
-system), flushed to disk, then renamed over the destination. A failure at any point
-removes the temporary file and leaves the destination as it was.
+system), then renamed over the destination; ``atomic_write`` also flushes it to disk first
+(an ONNX export, a cache that is made again when missing, goes through ``atomic_path`` only).
+A failure at any point removes the temporary file and leaves the destination as it was.
 """
 
 from __future__ import annotations
@@ -17,32 +18,9 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(
-    path: Path, mode: str = "wb", *, suffix: str = ".tmp", durable: bool = True
-) -> Iterator[IO[Any]]:
-    """Yield an open temporary file that becomes ``path`` when the block ends without an
-    error. ``durable``: fsync the file and the folder, so a crash after the rename can lose
-    neither the content nor the name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as out:
-            yield out
-            out.flush()
-            if durable:
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_folder(path.parent)
-
-
-@contextlib.contextmanager
 def atomic_path(path: Path, *, suffix: str = ".tmp") -> Iterator[Path]:
-    """For writers that want a file name rather than a file object (an exporter that opens
-    the file itself): yield a temporary path that becomes ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path`` that becomes ``path`` if the block succeeds
+    (for writers that open the file themselves, like an exporter); removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
@@ -51,6 +29,18 @@ def atomic_path(path: Path, *, suffix: str = ".tmp") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", *, suffix: str = ".tmp") -> Iterator[IO[Any]]:
+    """Yield an open temporary file that becomes ``path`` when the block ends without an
+    error; the file and the folder are fsynced, so a crash after the rename can lose neither
+    the content nor the name."""
+    with atomic_path(path, suffix=suffix) as tmp, open(tmp, mode) as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
+    fsync_folder(path.parent)
 
 
 def fsync_folder(folder: Path) -> None:
