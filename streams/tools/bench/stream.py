@@ -13,6 +13,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from sinks.metrics import STAGES
 from streams.tools.produce import detection_event
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,17 @@ def bench_photos(count: int, individuals: int, images: Path | None = None) -> li
     return [data for _, data in synthetic_photos(count, individuals=individuals)]
 
 
+# What a camera's producer would set: idempotent, and a few ms of lingering to batch.
+FEED_PRODUCER_OPTIONS = {"enable.idempotence": True, "linger.ms": 5}
+
+
 class EventFeed:
     """Publishes detection events and remembers when each was produced (for latency)."""
 
     def __init__(self, producer_config: dict[str, Any], topic: str, cameras: int = 8) -> None:
         self.topic = topic
         self.cameras = cameras
-        self.producer = Producer({**producer_config, "enable.idempotence": True, "linger.ms": 5})
+        self.producer = Producer({**producer_config, **FEED_PRODUCER_OPTIONS})
         self.sent_ms: dict[str, float] = {}
         self._n = 0
 
@@ -148,8 +153,9 @@ def run_stream(
     )
 
 
-# The processor's stages a latency row breaks down (sinks.metrics.STAGES, less the commit's).
-BENCH_STAGES = ("decode", "embed", "match", "persist", "publish")
+# The processor's stages a latency row breaks down: all but the commit, which comes after the
+# assignment record that ends the measured latency.
+BENCH_STAGES = tuple(stage for stage in STAGES if stage != "commit")
 
 
 def stage_totals(registry: Any) -> dict[str, tuple[float, float]]:

@@ -18,6 +18,7 @@ import numpy as np
 from confluent_kafka import Consumer, Producer
 
 from streams.tools.bench.report import BenchPlan, BenchReport
+from streams.tools.bench.stream import FEED_PRODUCER_OPTIONS
 
 
 def transit_section(report: BenchReport, plan: BenchPlan, settings_for: Any) -> None:
@@ -42,7 +43,7 @@ def transit_ms(settings: Any, events: int, *, rate: float, timeout_s: float = 60
     topic = f"{settings.topic_detections}-transit-{uuid.uuid4().hex[:6]}"
     ensure_stream_topics(settings, [topic])
     consumer = Consumer(settings.consumer_config(f"{settings.group_id}-transit"))
-    producer = Producer({**settings.producer_config(), "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer({**settings.producer_config(), **FEED_PRODUCER_OPTIONS})
     received: list[float] = []
     try:
         consumer.subscribe([topic])
