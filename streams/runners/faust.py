@@ -297,12 +297,13 @@ class FaustRunner:
 def build_app(settings: Settings, group_id: str, datadir: str) -> faust.App:
     """A Faust app that only consumes: group ``group_id``, raw bytes, no tables, no web
     server, no topic creation (``ensure_topics`` does that), the runner's session timeout."""
-    import faust
+    from streams.runners.faust_fetch import FetchWaitApp
 
     s = settings
     fetch = max(1_048_576, s.max_message_bytes + 1024)
-    return faust.App(
+    return FetchWaitApp(
         group_id,  # Faust's app id is the consumer group id
+        fetch_wait_ms=s.kafka_fetch_wait_ms,
         broker=[f"kafka://{host.strip()}" for host in s.kafka_bootstrap_servers.split(",")],
         broker_credentials=_credentials(s),
         autodiscover=False,

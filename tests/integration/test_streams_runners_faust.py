@@ -264,3 +264,20 @@ def test_a_rebalance_during_an_outage_loses_nothing(kafka_bootstrap: str, unique
     finally:
         consumer.close()
     assert got == {p: events // partitions for p in range(partitions)}
+
+
+@pytest.mark.parametrize("wait_ms", [10, 500])
+def test_the_consumer_waits_the_streams_fetch_wait(wait_ms: int) -> None:
+    """Faust's driver fixes aiokafka's fetch wait at 1.5 s; the runner's consumer takes
+    REID_KAFKA_FETCH_WAIT_MS instead (the embedded broker holds every fetch that long)."""
+    import asyncio
+
+    async def built_wait() -> int:
+        app = build_app(Settings(kafka_fetch_wait_ms=wait_ms), "g", "/nonexistent")
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(built_wait()) == wait_ms
