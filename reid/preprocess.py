@@ -29,6 +29,18 @@ class ImageError(ValueError):
         self.message = message
 
 
+# The formats camera traps write; untrusted bytes reach no other PIL plugin. EPS would run
+# Ghostscript, and the rarer decoders (PSD, FLI, SGI, ICNS, ...) have each had their own CVEs.
+# (A multi-picture MPO file is read by the JPEG plugin, as its first picture.)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open of ``data`` (header only), for ``IMAGE_FORMATS`` alone; raises what
+    ``Image.open`` raises, e.g. ``UnidentifiedImageError`` for any other format."""
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
     """Decode `data` into a fully loaded RGB image.
 
@@ -37,7 +49,7 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
     if not data:
         raise ImageError("undecodable_image", "empty image payload")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning only arrives here as an exception when warnings are errors; either way
         # PIL judged the declared size hostile.
@@ -45,7 +57,8 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
     except Exception as exc:
         # PIL's format plugins raise a zoo of exception types on hostile input
         # (OSError, SyntaxError, struct.error, IndexError, ...); all mean "not an image".
-        raise ImageError("undecodable_image", f"cannot identify image: {exc}") from exc
+        accepted = ", ".join(IMAGE_FORMATS)
+        raise ImageError("undecodable_image", f"not a {accepted} image: {exc}") from exc
 
     # The header size is known before any pixel data is decoded: refuse bombs before
     # `load()` allocates width*height*channels bytes.

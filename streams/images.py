@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import torch
 from PIL import Image
 
-from reid.preprocess import ImageError, Preprocess, crop, decode_image
+from reid.preprocess import ImageError, Preprocess, crop, decode_image, open_image
 from streams.events import DetectionEvent, InvalidEvent
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ def thumbnail_from_bytes(
     at a reduced scale (``draft``: libjpeg's DCT scaling, far cheaper than a full decode),
     then cropped to the box scaled alike. None on any failure."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         full = image.size
         if full[0] * full[1] > max_pixels:
             return None

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from PIL import Image
 
+from reid.preprocess import open_image
 from streams.events import SCHEMA_VERSION, rfc3339
 from streams.logs import progress_bar, with_kafka_logger
 
@@ -56,7 +56,7 @@ def _shrunk(data: bytes) -> bytes:
     if len(data) <= MAX_PHOTO_BYTES:
         return data
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         image.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))
         out = io.BytesIO()
         image.convert("RGB").save(out, format="JPEG", quality=90)

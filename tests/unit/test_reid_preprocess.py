@@ -50,7 +50,7 @@ def _reason(data: bytes, **kwargs: int) -> str:
     return info.value.reason
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"])
 def test_decode_returns_loaded_rgb(fmt: str) -> None:
     image = decode_image(_encode(_noise_image(40, 30), fmt))
     assert image.mode == "RGB"
@@ -76,6 +76,33 @@ def test_truncated_image_is_undecodable(fmt: str) -> None:
 )
 def test_garbage_is_undecodable(data: bytes) -> None:
     assert _reason(data) == "undecodable_image"
+
+
+@pytest.mark.parametrize("fmt", ["PSD", "TGA", "SGI", "ICO", "PCX", "PPM", "DDS", "QOI", "EPS"])
+def test_formats_cameras_do_not_write_never_reach_their_decoder(fmt: str) -> None:
+    """Images PIL itself reads, in formats outside IMAGE_FORMATS: refused from the header,
+    with the accepted formats named (EPS would otherwise run Ghostscript, where installed)."""
+    image = _noise_image(32, 24)
+    if fmt == "PSD":  # PIL reads PSD but cannot write it: a minimal 1-channel header
+        data = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 1, 24, 32, 8, 1)
+        data += b"\x00" * 12 + struct.pack(">H", 0) + b"\x00" * (24 * 32)
+    elif fmt == "EPS":
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 24\nshowpage\n"
+    else:
+        data = _encode(image, fmt)
+    with pytest.raises(ImageError) as info:
+        decode_image(data)
+    assert info.value.reason == "undecodable_image"
+    assert "JPEG, PNG, WEBP, TIFF, BMP, GIF" in str(info.value)
+
+
+def test_an_mpo_jpeg_is_read_as_its_first_picture() -> None:
+    """Some cameras write MPO (several JPEGs in one file): PIL opens it as MPO, not JPEG."""
+    frames = [_noise_image(40, 30, seed=k) for k in range(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="MPO", save_all=True, append_images=frames[1:])
+    image = decode_image(buf.getvalue())
+    assert image.size == (40, 30) and image.mode == "RGB"
 
 
 def test_corrupt_png_chunk_is_undecodable() -> None:

@@ -158,6 +158,9 @@ def test_crop_with_thumbnail_and_the_gpu_path_thumbnail():
     with Image.open(io.BytesIO(drafted)) as small:
         assert small.size == (128, 85)
     assert thumbnail_from_bytes(b"not an image", None, spec, max_pixels=10**7) is None
+    tga = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(tga, format="TGA")  # PIL reads it; the stream must not
+    assert thumbnail_from_bytes(tga.getvalue(), None, spec, max_pixels=10**7) is None
 
 
 def test_curation_settings(monkeypatch):
