@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
 
 import torch
@@ -90,6 +90,18 @@ def _event_error(err: OSError) -> Exception:
     if kind == "transient":
         return err
     return InvalidEvent("image_not_found", f"cannot read the file ({err.strerror or err})")
+
+
+def _open_untrusted(path: Path) -> BinaryIO:
+    """``path`` opened for reading without blocking and without following a final symlink:
+    the path may have changed since it was checked (a FIFO put there would hold the reading
+    thread for good), so what was opened is checked again (``ImageRoots._check_opened``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class ImageRoots:
@@ -177,8 +189,10 @@ class ImageRoots:
     def _read_once(self, uri: str) -> bytes:
         path = self.resolve(uri)
         try:
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
+            with _open_untrusted(path) as file:
+                info = os.fstat(file.fileno())
+                self._check_opened(file.fileno(), info.st_mode)
+                size = info.st_size
                 # At most one byte more than allowed: a file growing meanwhile is caught too.
                 data = b"" if size > MAX_FILE_BYTES else file.read(MAX_FILE_BYTES + 1)
         except OSError as err:
@@ -186,6 +200,18 @@ class ImageRoots:
         if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
             raise InvalidEvent("image_too_large", f"file larger than {MAX_FILE_BYTES} bytes")
         return data
+
+    def _check_opened(self, fd: int, mode: int) -> None:
+        """What was opened is a regular file inside the roots (where the system says which
+        file a descriptor is: Linux's /proc), whatever happened to the path meanwhile."""
+        if not stat.S_ISREG(mode):
+            raise InvalidEvent("image_not_found", "image_uri names a directory or other non-file")
+        try:
+            opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            return  # no /proc: resolve()'s check stands alone
+        if not any(opened.is_relative_to(root) for root in self.roots):
+            raise InvalidEvent("image_uri_forbidden", "image_uri points outside the image roots")
 
     def _candidates(self, uri: str) -> list[Path]:
         parsed = urlparse(uri)

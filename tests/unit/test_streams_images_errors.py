@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,75 @@ def test_the_wait_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> No
     assert ImageRoots.from_settings(load_settings()).wait_s == pytest.approx(0.35)
     monkeypatch.delenv("REID_IMAGE_WAIT_MS")
     assert ImageRoots.from_settings(load_settings()).wait_s == pytest.approx(2.0)
+
+
+def _swapped_after_lookup(monkeypatch: pytest.MonkeyPatch, roots: ImageRoots, swap) -> None:
+    """Lets ``resolve`` check the path, then ``swap()`` changes what is there (a race)."""
+    resolve = roots.resolve
+
+    def resolve_then_swap(uri: str) -> Path:
+        path = resolve(uri)
+        swap(path)
+        return path
+
+    monkeypatch.setattr(roots, "resolve", resolve_then_swap)
+
+
+def _read_bounded(roots: ImageRoots, uri: str) -> BaseException | bytes:
+    """``read`` in a thread: a read that blocks fails the test instead of hanging it."""
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(roots.read(uri))
+        except BaseException as err:  # handed to the test
+            outcome.append(err)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert outcome, "reading blocked"
+    return outcome[0]
+
+
+def test_a_fifo_swapped_in_after_the_lookup_is_refused_not_waited_on(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roots = roots_with(root, FakeTime())
+
+    def to_fifo(path: Path) -> None:
+        path.unlink()
+        os.mkfifo(path)
+
+    _swapped_after_lookup(monkeypatch, roots, to_fifo)
+    err = _read_bounded(roots, "cam1/a.jpg")
+    assert isinstance(err, InvalidEvent) and err.reason == "image_not_found"
+
+
+def _folder_to_link(path: Path, outside: Path) -> None:
+    path.unlink()
+    path.parent.rmdir()
+    os.symlink(outside, path.parent)  # cam1/ now leads outside: cam1/a.jpg is outside/a.jpg
+
+
+def _file_to_link(path: Path, outside: Path) -> None:
+    path.unlink()
+    os.symlink(outside / "a.jpg", path)
+
+
+@pytest.mark.parametrize(
+    ("swap", "reason"),
+    [(_folder_to_link, "image_uri_forbidden"), (_file_to_link, "image_not_found")],
+)
+def test_a_path_swapped_for_a_link_outside_the_roots_is_not_read(
+    root: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+    swap, reason: str,
+) -> None:  # fmt: skip
+    """Between the check and the open a folder or the file becomes a symlink out of the
+    roots: what was opened is checked, and a final symlink is not followed (ELOOP)."""
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "a.jpg").write_bytes(b"secret")
+    roots = roots_with(root, FakeTime())
+    _swapped_after_lookup(monkeypatch, roots, lambda path: swap(path, outside))
+    err = _read_bounded(roots, "cam1/a.jpg")
+    assert isinstance(err, InvalidEvent) and err.reason == reason
