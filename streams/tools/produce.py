@@ -17,7 +17,6 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from reid.preprocess import open_image
 from streams.events import SCHEMA_VERSION, rfc3339
 from streams.logs import progress_bar, with_kafka_logger
 
@@ -55,6 +54,8 @@ def photos_from(folder: Path, limit: int | None) -> Iterator[tuple[str, bytes]]:
 def _shrunk(data: bytes) -> bytes:
     if len(data) <= MAX_PHOTO_BYTES:
         return data
+    from reid.preprocess import open_image  # here: it imports torch, which the CLI loads lazily
+
     try:
         image = open_image(data)
         image.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))

@@ -195,3 +195,20 @@ def test_failures_a_new_user_meets_are_one_line(tmp_path: Path) -> None:
             assert doc["level"] == "ERROR" and doc["msg"].startswith("produce: cannot reach")
         else:
             assert lines[-1].startswith("reid-stream "), (name, lines)
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """Building the parser (every command's options) loads neither torch nor onnxruntime:
+    `--help`, `--version` and the light commands (`activate`, `deer ...`, `stack`) start in a
+    fraction of a second; the model's libraries load only in the commands that run it."""
+    code = (
+        "import json, sys; from streams.cli import build_parser; build_parser(); "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    loaded = set(json.loads(done.stdout))
+    assert "streams.tools.bench" in loaded  # the parser did pull in the commands' modules
+    assert not {m for m in loaded if m.split(".")[0] in ("torch", "onnxruntime", "torchvision")}
