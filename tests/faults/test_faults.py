@@ -24,6 +24,9 @@ SHUTDOWN_GRACE_S = 5.0  # a SIGTERMed worker exits within REID_SHUTDOWN_TIMEOUT_
 # Several workers on 2 cores: one thread each, or they spend their time fighting for the CPU.
 PROBE = "tests.faults.probe"  # `reid-stream run` with its revocations logged as they begin
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "REID_DECODE_WORKERS": "1"}
+# Events/s fed to test_rebalance's workers: above what two one-core workers consume (about
+# 25-35 events/s each on the project's machines), so they stay saturated.
+REBALANCE_FEED_RATE = 120.0
 
 
 def produce(run: FaultRun) -> Stream:
@@ -134,9 +137,12 @@ def test_rebalance(fault_run: FaultRun):
         "first two with batches in flight), one of the first two leaves (SIGTERM) at ~50%",
     )
     # Twice the usual stream. a and b have their partitions before any event exists (so
-    # their own joins move idle partitions only); the bulk is produced the moment c has loaded
+    # their own joins move idle partitions only); the bulk is fed from the moment c has loaded
     # its model and subscribed, so that a and b are saturated (their pipelines full) when
-    # c's join makes them revoke the partitions it gets.
+    # c's join makes them revoke the partitions it gets. Fed faster than a and b consume, not
+    # all at once: librdkafka queues each fetch partition by partition, so a backlog sent at
+    # once reaches the batches as long runs of one partition, and the partition revoked often
+    # had none in flight; fed, each fetch holds a few events of every partition.
     stream = make_stream(animals=2 * ANIMALS)
     events = len(stream.sightings)
     burst, rest = stream.sightings[: events // 5], stream.sightings[events // 5 :]
@@ -153,17 +159,18 @@ def test_rebalance(fault_run: FaultRun):
     c = run.start_worker("c", env=ONE_CORE, module=PROBE)
     wait_for(lambda: "consumer: subscribed" in c.log(), 120, "worker c to load its model",
              run.diagnostics, alive=[c])  # fmt: skip
-    run.produce(stream, rest)  # a group join takes >= 3 s (half the session timeout)
-    run.mark("c subscribed; the rest produced")
-    run.check_produced()
-    spread = stream.animals_on_several_partitions()
-    assert spread >= 0.9 * 2 * ANIMALS, f"only {spread} animals on several partitions"
+    feeder = run.feed(stream, rest, rate=REBALANCE_FEED_RATE)
+    run.mark("c subscribed; feeding the rest")
     wait_for(lambda: assigned(c.log()), 90, "worker c to be assigned partitions",
              run.diagnostics, alive=[c])  # fmt: skip
     joined_at = run.rows()
     run.mark("c assigned partitions")
     left_at = run.wait_rows(events // 2)
     seconds = run.terminate(a)
+    feeder.join(timeout=120)
+    run.check_produced()
+    spread = stream.animals_on_several_partitions()
+    assert spread >= 0.9 * 2 * ANIMALS, f"only {spread} animals on several partitions"
     run.wait_done(timeout=240)
     verdict = run.finish()
     busy = [line for w in (a, b) for line in revocations(w.log()) if busy_revocation(line)]

@@ -139,9 +139,13 @@ class Feeder:
 
     def stop(self, timeout: float = 70.0) -> int:
         self._stop.set()
+        return self.join(timeout)
+
+    def join(self, timeout: float = 70.0) -> int:
+        """Waits until the feeder has sent what it was given (or was stopped)."""
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise FaultTestError("the feeder did not stop")
+            raise FaultTestError("the feeder did not finish")
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result
