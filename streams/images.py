@@ -92,6 +92,10 @@ def _event_error(err: OSError) -> Exception:
     return InvalidEvent("image_not_found", f"cannot read the file ({err.strerror or err})")
 
 
+def _not_a_file() -> InvalidEvent:
+    return InvalidEvent("image_not_found", "image_uri names a directory or other non-file")
+
+
 def _open_untrusted(path: Path) -> BinaryIO:
     """``path`` opened for reading without blocking and without following a final symlink:
     the path may have changed since it was checked (a FIFO put there would hold the reading
@@ -142,10 +146,7 @@ class ImageRoots:
                 raise InvalidEvent("image_not_found", "image_uri is a symlink loop") from None
             except OSError as err:
                 raise _event_error(err) from None
-            if not any(real.is_relative_to(root) for root in self.roots):
-                raise InvalidEvent(
-                    "image_uri_forbidden", "image_uri points outside the image roots"
-                )
+            self._refuse_outside(real)
             try:
                 mode = real.stat().st_mode
             except OSError as err:
@@ -158,7 +159,7 @@ class ImageRoots:
                 return real
         if absent:
             raise _Absent()
-        raise InvalidEvent("image_not_found", "image_uri names a directory or other non-file")
+        raise _not_a_file()
 
     def read(self, uri: str, *, deadline: float | None = None) -> bytes:
         """The file's bytes. An absent file is looked for every ``poll_s`` until ``wait_s``
@@ -205,12 +206,16 @@ class ImageRoots:
         """What was opened is a regular file inside the roots (where the system says which
         file a descriptor is: Linux's /proc), whatever happened to the path meanwhile."""
         if not stat.S_ISREG(mode):
-            raise InvalidEvent("image_not_found", "image_uri names a directory or other non-file")
+            raise _not_a_file()
         try:
             opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             return  # no /proc: resolve()'s check stands alone
-        if not any(opened.is_relative_to(root) for root in self.roots):
+        self._refuse_outside(opened)
+
+    def _refuse_outside(self, real: Path) -> None:
+        """InvalidEvent unless ``real`` (a path without symlinks) lies inside a root."""
+        if not any(real.is_relative_to(root) for root in self.roots):
             raise InvalidEvent("image_uri_forbidden", "image_uri points outside the image roots")
 
     def _candidates(self, uri: str) -> list[Path]:
